@@ -1,0 +1,1 @@
+"""Codec kernels: Triton launchers and their pure-torch reference twins."""

@@ -1,0 +1,647 @@
+"""Pure-torch (and numpy) reference codec: the specification of every byte lctriton writes.
+
+Every Triton launcher in ``lctriton.kernels`` has a twin here with the same name and
+signature, and the two produce identical bytes. This module imports no triton: it is the
+CPU codec and runs anywhere torch runs.
+
+The lossy codec "lc/1" (closed-loop LC-Checkpoint) for a floating tensor ``x`` and its base
+``b`` (the reconstruction the previous checkpoint restores to; zeros when absent):
+
+1. Delta. ``d = x - b`` in float32: float16/bfloat16 operands are widened to float32 first;
+   float64 operands are subtracted in float64 and the difference rounded to float32.
+2. Keys. Each ``d`` gets the 13-bit fine key ``bits(d) >> 19``: its sign, its 8-bit biased
+   exponent field (together the 9-bit bucket key) and the top 4 bits of its mantissa.
+   :func:`lc_histogram` counts the elements of each fine key (integer counts: identical on
+   every backend whatever the order of summation).
+3. Buckets (host, from the histogram alone; see ``lctriton.codecs``). Bucket keys are ranked
+   by exponent (descending), then sign (positive first); the top ``2**bits - 1`` of those
+   with a finite, nonzero exponent field (not zero, subnormal, infinite or NaN) become
+   symbols 1, 2, ...; every other element gets symbol 0, which decodes to zero. Each
+   symbol's representative is the mean of its bucket with every element taken at the middle
+   of its fine key's interval, computed in float64 from the counts and rounded to float32.
+4. Reconstruction. ``r = round_to_dtype(b + rep[symbol])`` with the addition in float32
+   (float64 for float64 tensors). The encoder returns ``r``: it is the base of the next
+   delta, so quantization error does not accumulate along a chain.
+5. Exceptions. Elements whose value or reconstruction is not finite and whose bits differ
+   are stored exactly: their indices (int64) and raw bits.
+6. Entropy coding. Symbols are coded with the canonical Huffman code of ``lctriton.huffman``
+   (lengths at most 12 bits), most significant bit first, into one contiguous bit stream of
+   little-endian 64-bit words, bits taken from the most significant end of each word. The
+   stream is cut into chunks of ``chunk_symbols`` symbols (the last one shorter); chunk ``k``
+   starts at the bit offset equal to the sum of the bit lengths of chunks ``0 .. k-1``,
+   recorded as one uint32 per chunk, so chunks decode independently. A tensor whose symbols
+   are all equal ("fill") has no stream.
+
+The fingerprint of a tensor (:func:`fingerprint`) is a 64-bit integer hash of its bits,
+computed with integer sums only (bit-exact on every backend); delta records store the
+fingerprint of their base so that decoding against a wrong base is detected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lctriton.huffman import MAX_CODE_LENGTH, canonical_codes, decode_table
+
+__all__ = [
+    "NUM_KEYS",
+    "NUM_FINE_KEYS",
+    "FINE_SHIFT",
+    "NONFINITE_EXPONENT",
+    "LOSSY_DTYPES",
+    "PEEK_BITS",
+    "MAX_SYMBOLS_PER_STEP",
+    "fingerprint",
+    "lc_histogram",
+    "lc_encode",
+    "lc_reconstruct",
+    "lc_exceptions",
+    "lc_decode",
+    "LcStream",
+    "BLOCK",
+    "check_chunk_symbols",
+]
+
+#: Number of (sign, exponent-field) keys of a float32 delta.
+NUM_KEYS = 512
+#: Fine keys: the key followed by the top 4 mantissa bits, ``bits(d) >> FINE_SHIFT``.
+FINE_SHIFT = 19
+NUM_FINE_KEYS = 1 << (32 - FINE_SHIFT)
+#: Fine keys per key.
+FINE_PER_KEY = NUM_FINE_KEYS // NUM_KEYS
+#: Exponent field of non-finite float32 values; such keys never become symbols.
+NONFINITE_EXPONENT = 255
+#: Floating dtypes the lossy codec accepts.
+LOSSY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Bits the CPU decoder looks at per step; at least the longest code.
+PEEK_BITS = MAX_CODE_LENGTH
+#: Most symbols the CPU decoder emits per lane and step.
+MAX_SYMBOLS_PER_STEP = 12
+
+_WORD_BITS = 64
+_FINGERPRINT_ROW = 1024
+_MASK64 = (1 << 64) - 1
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64 finalizer: spreads every input bit over the output."""
+    z = (value + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _weighted_sum(values: np.ndarray) -> int:
+    """sum((i + 1) * values[i]) modulo 2**64, for a small int64 vector."""
+    weights = np.arange(1, values.size + 1, dtype=np.uint64)
+    return int((values.astype(np.uint64) * weights).sum(dtype=np.uint64))
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """64-bit hash of a tensor's dtype, shape and bits.
+
+    The elements are read as signed integers of their own width. With ``R = 1024`` and the
+    elements laid out as rows of ``R`` (the incomplete last row apart), the hash mixes: the
+    sum of all elements, the sum of row sums weighted by row number, the sum of column sums
+    weighted by column number, the tail weighted by position, the element count and the
+    dtype name. Integer sums make it independent of reduction order; any change of a single
+    element changes the plain sum.
+
+    Args:
+        tensor: Any tensor; it is read, never modified.
+
+    Returns:
+        The fingerprint as an unsigned 64-bit Python int.
+    """
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    words = flat.view(_INT_VIEW[flat.element_size()]).numpy()
+    n = words.size
+    full = n - n % _FINGERPRINT_ROW
+    row_mix = col_mix = tail_mix = 0
+    rows = np.zeros(0, dtype=np.int64)
+    if full:
+        grid = words[:full].reshape(-1, _FINGERPRINT_ROW)
+        rows = grid.sum(axis=1, dtype=np.int64)
+        row_mix = _weighted_sum(rows)
+        col_mix = _weighted_sum(grid.sum(axis=0, dtype=np.int64))
+    tail = words[full:].astype(np.int64)
+    if tail.size:
+        tail_mix = _weighted_sum(tail)
+    # int64 sums wrap modulo 2**64 in numpy, like the integer adds of every backend.
+    total = int(rows.astype(np.uint64).sum(dtype=np.uint64)) + int(tail.astype(np.uint64).sum(dtype=np.uint64))
+    total &= _MASK64
+    dtype_code = int.from_bytes(str(tensor.dtype).encode()[-8:].rjust(8, b"\0"), "little")
+    h = _mix64(total)
+    for part in (row_mix, col_mix, tail_mix, n, dtype_code):
+        h = _mix64(h ^ part)
+    return h
+
+
+# --------------------------------------------------------------------------- blocks
+
+#: The CPU codec works on blocks of this many elements so that its temporaries stay in
+#: cache and are recycled by the allocator; a multiple of every allowed chunk size.
+BLOCK = 1 << 18
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    """Flat numpy view of a contiguous CPU tensor; bfloat16 is viewed as uint16."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _to_f32(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Values of ``dtype`` as float32: exact for 16-bit types, rounded for float64."""
+    if dtype == torch.bfloat16:
+        return (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return values.astype(np.float32)
+
+
+def _delta_block(xb: np.ndarray, bb: np.ndarray | None, dtype: torch.dtype) -> np.ndarray:
+    """Step 1 on one block: the float32 delta."""
+    if bb is None:
+        return _to_f32(xb, dtype)
+    if dtype == torch.float32:
+        return xb - bb
+    if dtype == torch.float64:
+        return (xb - bb).astype(np.float32)
+    return _to_f32(xb, dtype) - _to_f32(bb, dtype)
+
+
+def _fine_keys(d: np.ndarray) -> np.ndarray:
+    """Step 2: the 13-bit fine key ``bits(d) >> 19`` (sign, exponent, top 4 mantissa bits)."""
+    return (d.view(np.uint32) >> np.uint32(FINE_SHIFT)).astype(np.uint16)
+
+
+def _check_lossy(x: torch.Tensor, base: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in LOSSY_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if base is not None:
+        if not isinstance(base, torch.Tensor):
+            raise TypeError(f"base must be a tensor or None, got {type(base).__name__}")
+        if base.shape != x.shape or base.dtype != x.dtype:
+            raise ValueError(
+                f"base must match x in shape and dtype: x is {tuple(x.shape)} {x.dtype}, "
+                f"base is {tuple(base.shape)} {base.dtype}"
+            )
+
+
+def _flat_views(x: torch.Tensor, base: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+    xn = _np(x.detach().cpu().contiguous())
+    bn = None if base is None else _np(base.detach().cpu().contiguous())
+    return xn, bn
+
+
+# --------------------------------------------------------------------------- pass 1
+
+
+def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """Pass 1: number of elements per fine key of the delta ``x - base``.
+
+    Args:
+        x: Floating tensor (float32, float16, bfloat16 or float64), any shape.
+        base: Tensor of the same shape and dtype, or None for an all-zero base.
+
+    Returns:
+        int64 tensor of ``NUM_FINE_KEYS`` counts, indexed by ``bits(d) >> 19``.
+
+    Raises:
+        TypeError: If ``x`` or ``base`` is not a tensor of a supported dtype.
+        ValueError: If ``base`` differs from ``x`` in shape or dtype.
+    """
+    _check_lossy(x, base)
+    xn, bn = _flat_views(x, base)
+    counts = np.zeros(NUM_FINE_KEYS, dtype=np.int64)
+    with np.errstate(all="ignore"):  # inf - inf and float64 overflow are expected: exceptions
+        for s in range(0, xn.size, BLOCK):
+            bb = None if bn is None else bn[s : s + BLOCK]
+            keys = _fine_keys(_delta_block(xn[s : s + BLOCK], bb, x.dtype))
+            counts += np.bincount(keys, minlength=NUM_FINE_KEYS)
+    return torch.from_numpy(counts)
+
+
+# --------------------------------------------------------------------------- pass 2
+
+
+def _reconstruct_block(
+    sym: np.ndarray, reps: np.ndarray, bb: np.ndarray | None, dtype: torch.dtype, out: np.ndarray
+) -> None:
+    """Step 4 on one block, written into ``out`` (a view of the tensor's storage)."""
+    values = np.take(reps, sym, mode="clip")
+    if dtype in (torch.float32, torch.float64):
+        if bb is None:
+            out[:] = values
+        else:
+            np.add(bb, values, out=out)
+    elif dtype == torch.float16:
+        if bb is not None:
+            values = np.add(bb, values, dtype=np.float32)
+        out[:] = values
+    else:  # bfloat16 has no numpy type: round to nearest even through torch
+        if bb is not None:
+            values = _to_f32(bb, dtype) + values
+        torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(values))
+
+
+def lc_reconstruct(
+    symbols: np.ndarray, representatives: np.ndarray, base: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Step 4: ``round_to_dtype(base + representatives[symbols])``, flat, on CPU.
+
+    Args:
+        symbols: uint8 symbols, flat (numpy).
+        representatives: float32 value of each symbol (symbol 0 is 0.0).
+        base: Base of the tensor's dtype, or None for zeros.
+        dtype: The tensor's dtype.
+    """
+    out = torch.empty(symbols.size, dtype=dtype)
+    o = _np(out)
+    bn = None if base is None else _np(base.detach().cpu().contiguous())
+    with np.errstate(all="ignore"):  # overflow to inf is expected: such elements are exceptions
+        for s in range(0, symbols.size, BLOCK):
+            sl = slice(s, s + BLOCK)
+            _reconstruct_block(symbols[sl], representatives, None if bn is None else bn[sl], dtype, o[sl])
+    return out
+
+
+def lc_exceptions(x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5: elements stored exactly, where value or reconstruction is not finite.
+
+    Returns:
+        ``(indices, values)``: int64 flat indices and the exact values of ``x`` there.
+    """
+    x = x.reshape(-1)
+    r = reconstruction.reshape(-1).to(x.device)
+    width = _INT_VIEW[x.element_size()]
+    nonfinite = ~torch.isfinite(x) | ~torch.isfinite(r)
+    differ = x.view(width) != r.view(width)
+    indices = torch.nonzero(nonfinite & differ).reshape(-1)
+    return indices, x[indices]
+
+
+def check_chunk_symbols(chunk_symbols: object) -> int:
+    """Validate a chunk size: a power of two from 64 to 65536."""
+    if (
+        isinstance(chunk_symbols, bool)
+        or not isinstance(chunk_symbols, int)
+        or not 64 <= chunk_symbols <= 1 << 16
+        or chunk_symbols & (chunk_symbols - 1)
+    ):
+        raise ValueError(f"chunk_symbols must be a power of two from 64 to 65536, got {chunk_symbols!r}")
+    return chunk_symbols
+
+
+def lc_encode(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    key_to_symbol: torch.Tensor,
+    representatives: torch.Tensor,
+    code_lengths: torch.Tensor,
+    chunk_symbols: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Pass 2: symbols, their bit-packed canonical codes, and the reconstruction.
+
+    Args:
+        x: The tensor (as in :func:`lc_histogram`).
+        base: Its base, or None.
+        key_to_symbol: uint8 tensor of ``NUM_FINE_KEYS`` entries, the symbol of each fine
+            key (equal across the fine keys of one bucket).
+        representatives: float32 tensor, the value of each symbol.
+        code_lengths: uint8 tensor, the Huffman code length of each symbol (all zeros for
+            a fill: then no stream is produced).
+        chunk_symbols: Symbols per chunk, a power of two from 64 to 65536.
+
+    Returns:
+        ``(stream, chunk_bits, reconstruction, nonfinite)``: the stream as an int64 tensor
+        holding the 64-bit words, the bit length of each chunk (int64 tensor), the flat
+        reconstruction in ``x``'s dtype, on CPU (exceptions not yet applied), and whether
+        any element of the reconstruction is not finite.
+
+    Raises:
+        TypeError: If ``x`` or ``base`` is not a tensor of a supported dtype.
+        ValueError: If shapes, table sizes or ``chunk_symbols`` are wrong.
+    """
+    _check_lossy(x, base)
+    if key_to_symbol.numel() != NUM_FINE_KEYS:
+        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
+    check_chunk_symbols(chunk_symbols)
+    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
+    reps = representatives.cpu().numpy().astype(np.float32)
+    lengths = code_lengths.cpu().numpy().astype(np.uint8)
+    if lengths.size != reps.size:
+        raise ValueError(f"code_lengths has {lengths.size} entries but representatives has {reps.size}")
+    packer = _Packer(lengths, chunk_symbols) if lengths.any() else None
+    xn, bn = _flat_views(x, base)
+    n = xn.size
+    reconstruction = torch.empty(n, dtype=x.dtype)
+    rn = _np(reconstruction)
+    nonfinite = False
+    with np.errstate(all="ignore"):  # non-finite deltas and overflow become exceptions
+        for s in range(0, n, BLOCK):
+            sl = slice(s, s + BLOCK)
+            bb = None if bn is None else bn[sl]
+            sym = np.take(lut, _fine_keys(_delta_block(xn[sl], bb, x.dtype)), mode="clip")
+            _reconstruct_block(sym, reps, bb, x.dtype, rn[sl])
+            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
+            if packer is not None:
+                packer.add(sym)
+    if packer is None:
+        nchunks = -(-n // chunk_symbols)
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, torch.zeros(nchunks, dtype=torch.int64), reconstruction, nonfinite
+    words, chunk_bits = packer.finish()
+    return torch.from_numpy(words.view(np.int64)), torch.from_numpy(chunk_bits), reconstruction, nonfinite
+
+
+def _any_nonfinite(values: np.ndarray, dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16:  # numpy sees the bits: exponent field all ones
+        return bool(((values & np.uint16(0x7F80)) == np.uint16(0x7F80)).any())
+    return not bool(np.isfinite(values).all())
+
+
+class _Packer:
+    """Step 6: packs blocks of symbols into one MSB-first stream of 64-bit words.
+
+    Each block is packed from bit 0 of a fresh word array; :meth:`finish` shifts every
+    block's words into place behind the previous block's last bit. Only compressed words
+    are shifted, so stitching costs a pass over the output, not the input.
+    """
+
+    def __init__(self, lengths: np.ndarray, chunk_symbols: int) -> None:
+        self.lengths = lengths
+        self.codes = canonical_codes(lengths)
+        self.chunk = chunk_symbols
+        self.sym_bits = 4 if lengths.size <= 16 else 8
+        self.group = 4 if self.sym_bits == 4 else 2
+        self.table = _group_table(lengths, self.group, self.sym_bits)
+        self.blocks: list[tuple[np.ndarray, int]] = []
+        self.chunk_bits: list[np.ndarray] = []
+
+    def add(self, symbols: np.ndarray) -> None:
+        n = symbols.size
+        nchunks = -(-n // self.chunk)
+        padded = nchunks * self.chunk
+        if padded != n:  # only the last block: pad with symbol 0, remove its bits below
+            symbols = np.concatenate([symbols, np.zeros(padded - n, dtype=np.uint8)])
+        entry = self.table[_group_indices(symbols, self.group, self.sym_bits)]
+        glen = (entry & np.uint64(63)).astype(np.int64)
+        gcode = entry >> np.uint64(6)
+        if padded != n:
+            first_pad_group, keep = divmod(n, self.group)
+            glen[first_pad_group:] = 0
+            gcode[first_pad_group:] = 0
+            if keep:  # the group holding the last real symbols: recompute without padding
+                code = length = 0
+                for s in symbols[first_pad_group * self.group : n].tolist():
+                    code = (code << int(self.lengths[s])) | int(self.codes[s])
+                    length += int(self.lengths[s])
+                glen[first_pad_group] = length
+                gcode[first_pad_group] = code
+        self.chunk_bits.append(glen.reshape(nchunks, self.chunk // self.group).sum(axis=1))
+        self.blocks.append(_pack_groups(gcode, glen))
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        chunk_bits = np.concatenate(self.chunk_bits)
+        total = int(chunk_bits.sum())
+        nwords = -(-total // _WORD_BITS)
+        words = np.zeros(nwords + 1, dtype=np.uint64)
+        bit = 0
+        for block, nbits in self.blocks:
+            w, shift = divmod(bit, _WORD_BITS)
+            count = block.size
+            if shift == 0:
+                words[w : w + count] |= block
+            else:
+                words[w : w + count] |= block >> np.uint64(shift)
+                words[w + 1 : w + 1 + count] |= block << np.uint64(_WORD_BITS - shift)
+            bit += nbits
+        return words[:nwords], chunk_bits.astype(np.int64)
+
+
+def _pack_groups(gcode: np.ndarray, glen: np.ndarray) -> tuple[np.ndarray, int]:
+    """Pack group codes MSB-first from bit 0 of a new word array; returns words and bits."""
+    ends = np.cumsum(glen)
+    total_bits = int(ends[-1]) if ends.size else 0
+    starts = ends - glen
+    word = starts >> 6
+    end_in_word = ((starts & 63) + glen).astype(np.uint64)
+    straddle = end_in_word > np.uint64(64)
+    # Bits of a group that fit in its first word, shifted to their place (MSB first).
+    shift_left = np.where(straddle, np.uint64(0), np.uint64(64) - end_in_word)
+    shift_right = np.where(straddle, end_in_word - np.uint64(64), np.uint64(0))
+    high = (gcode << shift_left) >> shift_right
+    # Groups never overlap in bits, so OR-ing all groups that start in a word builds it;
+    # starts are sorted, so the groups of one word are a contiguous run.
+    nwords = -(-total_bits // _WORD_BITS)
+    words = np.zeros(nwords + 1, dtype=np.uint64)
+    run_starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))
+    words[word[run_starts]] = np.bitwise_or.reduceat(high, run_starts)
+    # The spilled low bits of a straddling group open the next word (at most one per word).
+    spill = np.flatnonzero(straddle)
+    words[word[spill] + 1] |= gcode[spill] << (np.uint64(128) - end_in_word[spill])
+    return words[:nwords], total_bits
+
+
+def _group_table(lengths: np.ndarray, group: int, sym_bits: int) -> np.ndarray:
+    """Code and length of every ``group``-tuple of symbols, packed as ``code << 6 | length``.
+
+    The tuple's index holds symbol ``j`` of the group at bits ``[sym_bits*j, sym_bits*(j+1))``;
+    the first symbol of the group is the most significant in the combined code.
+    """
+    codes = canonical_codes(lengths).astype(np.uint64)
+    nsym = 1 << sym_bits
+    lens = np.zeros(nsym, dtype=np.uint64)
+    cods = np.zeros(nsym, dtype=np.uint64)
+    lens[: lengths.size] = lengths
+    cods[: lengths.size] = codes
+    index = np.arange(nsym**group, dtype=np.uint64)
+    code = np.zeros_like(index)
+    length = np.zeros_like(index)
+    for j in range(group):
+        sym = (index >> np.uint64(sym_bits * j)) & np.uint64(nsym - 1)
+        code = (code << lens[sym]) | cods[sym]
+        length = length + lens[sym]
+    return (code << np.uint64(6)) | length
+
+
+def _group_indices(symbols: np.ndarray, group: int, sym_bits: int) -> np.ndarray:
+    """Index of each group of ``group`` consecutive symbols into :func:`_group_table`."""
+    if group == 2:  # two uint8 symbols are one little-endian uint16: symbol 0 in the low byte
+        return symbols.view(np.uint16)
+    v = symbols.view(np.uint32)  # four 4-bit symbols, one per byte, squeezed into 16 bits
+    v = (v | (v >> np.uint32(4))) & np.uint32(0x00FF00FF)
+    return ((v | (v >> np.uint32(8))) & np.uint32(0xFFFF)).astype(np.uint16, copy=False)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+class LcStream:
+    """One tensor's coded symbols, as :func:`lc_decode` takes them.
+
+    Attributes:
+        stream: int64 tensor of the 64-bit stream words.
+        chunk_bits: int64 tensor, bit length of each chunk.
+        numel: Number of symbols.
+        code_lengths: uint8 numpy array, Huffman length per symbol (all zero for a fill).
+        fill_symbol: The symbol of every element when the tensor is a fill.
+        representatives: float32 tensor, value per symbol.
+        base: Flat base tensor or None.
+        dtype: dtype of the tensor.
+    """
+
+    __slots__ = ("stream", "chunk_bits", "numel", "code_lengths", "fill_symbol", "representatives", "base", "dtype")
+
+    def __init__(self, stream, chunk_bits, numel, code_lengths, fill_symbol, representatives, base, dtype):
+        self.stream = stream
+        self.chunk_bits = chunk_bits
+        self.numel = numel
+        self.code_lengths = code_lengths
+        self.fill_symbol = fill_symbol
+        self.representatives = representatives
+        self.base = base
+        self.dtype = dtype
+
+
+def _step_tables(all_lengths: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-symbol decode tables, one block of ``2**PEEK_BITS`` rows per code.
+
+    For each code and each ``PEEK_BITS``-bit window: how many whole codewords the window
+    starts with (at most ``MAX_SYMBOLS_PER_STEP``), their symbols, and the bits consumed by
+    the first ``j`` of them for every ``j``.
+    """
+    ntab = len(all_lengths)
+    size = 1 << PEEK_BITS
+    single_sym = np.empty((ntab, size), dtype=np.uint8)
+    single_len = np.empty((ntab, size), dtype=np.int64)
+    for t, lengths in enumerate(all_lengths):
+        s, ln = decode_table(lengths, PEEK_BITS)
+        single_sym[t], single_len[t] = s, ln
+    window = np.arange(size, dtype=np.int64)[None, :]
+    offset = (np.arange(ntab, dtype=np.int64) * size)[:, None]
+    pos = np.zeros((ntab, size), dtype=np.int64)
+    alive = np.ones((ntab, size), dtype=bool)
+    count = np.zeros((ntab, size), dtype=np.uint8)
+    syms = np.zeros((ntab, size, MAX_SYMBOLS_PER_STEP), dtype=np.uint8)
+    cum = np.zeros((ntab, size, MAX_SYMBOLS_PER_STEP + 1), dtype=np.int64)
+    for j in range(MAX_SYMBOLS_PER_STEP):
+        peek = (window << pos) & (size - 1)
+        length = single_len.ravel()[offset + peek]
+        ok = alive & (length > 0) & (pos + length <= PEEK_BITS)
+        syms[:, :, j] = np.where(ok, single_sym.ravel()[offset + peek], 0)
+        pos = pos + np.where(ok, length, 0)
+        count += ok
+        alive &= ok
+        cum[:, :, j + 1] = pos
+    return syms.reshape(ntab * size, -1), count.reshape(-1), cum.reshape(ntab * size, -1)
+
+
+def _decode_symbols(items: list[LcStream], chunk_symbols: int) -> list[np.ndarray]:
+    """Huffman-decode many streams at once: every chunk of every stream is one lane.
+
+    All lanes advance together; each step decodes up to ``MAX_SYMBOLS_PER_STEP`` codewords
+    per lane with one table lookup, so the Python loop runs about ``chunk_symbols / 8``
+    times whatever the number of tensors.
+
+    Raises:
+        ValueError: If a chunk does not end exactly where its recorded bit length says.
+    """
+    coded = [i for i, it in enumerate(items) if it.code_lengths.any()]
+    out: list[np.ndarray | None] = [None] * len(items)
+    for i, it in enumerate(items):
+        if i not in coded:
+            out[i] = np.full(it.numel, it.fill_symbol, dtype=np.uint8)
+    if not coded:
+        return out  # type: ignore[return-value]
+    sym_table, count_table, cum_table = _step_tables([items[i].code_lengths for i in coded])
+    width = MAX_SYMBOLS_PER_STEP
+    stride = chunk_symbols + width
+    word_parts, lane_start, lane_end, lane_count, lane_table = [], [], [], [], []
+    word_offset = 0
+    for t, i in enumerate(coded):
+        it = items[i]
+        bits = it.chunk_bits.numpy().astype(np.int64)
+        starts = np.concatenate(([0], np.cumsum(bits)[:-1])) + word_offset * _WORD_BITS
+        nchunks = bits.size
+        counts = np.full(nchunks, chunk_symbols, dtype=np.int64)
+        counts[-1] = it.numel - (nchunks - 1) * chunk_symbols
+        word_parts.append(it.stream.numpy().view(np.uint64))
+        word_offset += it.stream.numel()
+        lane_start.append(starts)
+        lane_end.append(starts + bits)
+        lane_count.append(counts)
+        lane_table.append(np.full(nchunks, t << PEEK_BITS, dtype=np.int64))
+    # Padding: a corrupt lane may read up to 12 bits per symbol past its start.
+    pad = (chunk_symbols * PEEK_BITS) // _WORD_BITS + 2
+    words = np.concatenate(word_parts + [np.zeros(pad, dtype=np.uint64)])
+    pos = np.concatenate(lane_start)
+    end = np.concatenate(lane_end)
+    remaining = np.concatenate(lane_count)
+    table_off = np.concatenate(lane_table)
+    nlanes = pos.size
+    buffer = np.zeros(nlanes * stride, dtype=np.uint8)
+    written = np.arange(nlanes, dtype=np.int64) * stride
+    lanes = np.arange(nlanes)
+    columns = np.arange(width, dtype=np.int64)
+    drop = np.uint64(_WORD_BITS - PEEK_BITS)
+    step = 0
+    while lanes.size:
+        word = pos >> 6
+        shift = (pos & 63).astype(np.uint64)
+        window = (words[word] << shift) | ((words[word + 1] >> np.uint64(1)) >> (np.uint64(63) - shift))
+        entry = table_off + (window >> drop).astype(np.int64)
+        take = np.minimum(count_table[entry], remaining)
+        buffer[(written[:, None] + columns).ravel()] = sym_table[entry].ravel()
+        pos = pos + cum_table[entry, take]
+        written += take
+        remaining -= take
+        step += 1
+        if step % 16 == 0 or not remaining.all():
+            live = remaining > 0
+            if not live.all():
+                done = lanes[~live]
+                if (pos[~live] != end[done]).any():
+                    raise ValueError("a chunk's codes do not end at its recorded bit length")
+                lanes, pos, written, remaining, table_off = (
+                    lanes[live], pos[live], written[live], remaining[live], table_off[live],
+                )
+    grid = buffer.reshape(nlanes, stride)[:, :chunk_symbols]
+    lane = 0
+    for t, i in enumerate(coded):
+        nchunks = lane_count[t].size
+        out[i] = grid[lane : lane + nchunks].reshape(-1)[: items[i].numel]
+        lane += nchunks
+    return out  # type: ignore[return-value]
+
+
+def lc_decode(items: list[LcStream], chunk_symbols: int) -> list[torch.Tensor]:
+    """Decode many "lc/1" streams: Huffman decode, dequantize, add the base.
+
+    Args:
+        items: The coded tensors.
+        chunk_symbols: Symbols per chunk (shared by all items).
+
+    Returns:
+        One flat tensor per item, in its dtype, on the base's device (CPU without a base);
+        exceptions are not applied here.
+
+    Raises:
+        ValueError: If a stream is inconsistent with its chunk table.
+    """
+    symbols = _decode_symbols(items, chunk_symbols)
+    restored = []
+    for it, sym in zip(items, symbols):
+        base = None if it.base is None else it.base.cpu()
+        restored.append(lc_reconstruct(sym, it.representatives.cpu().numpy(), base, it.dtype))
+    return restored

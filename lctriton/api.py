@@ -1,0 +1,314 @@
+"""The drop-in calls: compress, decompress, save, load and inspect.
+
+A delta checkpoint is coded against a *base*: the state the previous checkpoint restores
+to (what :func:`decompress` or :func:`load` returned for it, or the reconstruction that
+``compress(..., return_reconstruction=True)`` hands back). Using the reconstruction rather
+than the true previous weights keeps the error of every checkpoint in a chain within one
+quantization step.
+
+Example:
+    >>> key = lctriton.compress(model.state_dict())             # lossless key checkpoint
+    >>> base = lctriton.decompress(key)
+    >>> delta, base = lctriton.compress(model.state_dict(), base=base, return_reconstruction=True)
+    >>> restored = lctriton.decompress(delta, base=lctriton.decompress(key))
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lctriton import codecs, format as fmt, pipeline
+from lctriton.config import CodecOptions
+
+__all__ = ["Compressed", "compress", "decompress", "save", "load", "inspect"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class Compressed:
+    """A compressed state: a container in memory.
+
+    Attributes:
+        raw_nbytes: Bytes of the state's tensors as held in memory.
+    """
+
+    def __init__(self, encoded: pipeline.EncodedState | None = None, container: fmt.Container | None = None):
+        self._encoded = encoded
+        self._container = container
+        self._bytes: bytes | None = None
+        if encoded is not None:
+            self.raw_nbytes = encoded.raw_nbytes
+        else:
+            assert container is not None
+            shapes = pipeline.validate_index(container.index)
+            self.raw_nbytes = sum(n * torch.empty(0, dtype=d).element_size() for d, _, n in shapes)
+
+    def to_bytes(self) -> bytes:
+        """The container's bytes, as :func:`save` writes them."""
+        if self._bytes is None:
+            if self._encoded is None:
+                self._bytes = bytes(self._container._buffer)  # noqa: SLF001 (own module family)
+            else:
+                buf = io.BytesIO()
+                fmt.write_container(buf, self._encoded.index, self._encoded.sections)
+                self._bytes = buf.getvalue()
+        return self._bytes
+
+    def write(self, stream: Any) -> int:
+        """Write the container to a binary stream; returns the bytes written."""
+        if self._encoded is not None and self._bytes is None:
+            return fmt.write_container(stream, self._encoded.index, self._encoded.sections)
+        data = self.to_bytes()
+        stream.write(data)
+        return len(data)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Compressed:
+        """Parse a container held in memory.
+
+        Raises:
+            FormatError: If the bytes are not a valid container (saying what is wrong).
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+        c = cls(container=fmt.read_container(data))
+        c._bytes = bytes(data)
+        return c
+
+    @property
+    def container(self) -> fmt.Container:
+        if self._container is None:
+            self._container = fmt.read_container(self.to_bytes())
+        return self._container
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the container."""
+        return len(self.to_bytes())
+
+    @property
+    def ratio(self) -> float:
+        """``raw_nbytes / nbytes``."""
+        return self.raw_nbytes / self.nbytes
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """The container's index (tree and tensor records)."""
+        return self._encoded.index if self._encoded is not None else self.container.index
+
+    def __repr__(self) -> str:
+        return f"Compressed({len(self.index['tensors'])} tensors, {self.raw_nbytes} -> {self.nbytes} bytes, {self.ratio:.1f}x)"
+
+
+def compress(
+    obj: Any,
+    base: Any = None,
+    *,
+    return_reconstruction: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Compressed | tuple[Compressed, Any]:
+    """Compress a state (a state dict, or any nesting of dicts, lists and tuples).
+
+    Args:
+        obj: The state.
+        base: The state the previous checkpoint restores to. Floating tensors are coded as
+            deltas against the same-named tensor of ``base``; without a base the state is a
+            key checkpoint, stored losslessly by default.
+        return_reconstruction: Also return the state a decoder restores: the ``base`` of the
+            next checkpoint in a chain, without decoding this one.
+        progress: Called with (bytes done, bytes total).
+        **options: Codec options (:class:`lctriton.config.CodecOptions`): ``bits``,
+            ``lossless``, ``lossless_key``, ``exact``, ``min_numel``, ``chunk_symbols``.
+
+    Returns:
+        The compressed state, or ``(compressed, reconstruction)``.
+
+    Raises:
+        TypeError: If an option is unknown or the state holds an object that cannot be
+            stored (the message names where).
+        ValueError: If an option's value is invalid.
+    """
+    opts = CodecOptions.from_kwargs(**options)
+    encoded = pipeline.encode_state(obj, base, opts, reconstruct=return_reconstruction, progress=progress)
+    result = Compressed(encoded)
+    if return_reconstruction:
+        return result, encoded.reconstruction
+    return result
+
+
+def decompress(
+    compressed: Compressed | bytes | bytearray | memoryview,
+    base: Any = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """Restore a state from :func:`compress`'s output (or its bytes).
+
+    Args:
+        compressed: A :class:`Compressed` or the bytes of a container.
+        base: For a delta checkpoint, the state its predecessor restores to.
+        device: Device for the restored tensors (default: the base tensor's device for
+            deltas, else CPU).
+        progress: Called with (bytes done, bytes total).
+
+    Raises:
+        BaseMismatchError: If the base is missing or is not the one the delta was coded
+            against.
+        FormatError: If the data is corrupt, truncated or not a container.
+    """
+    if isinstance(compressed, (bytes, bytearray, memoryview)):
+        compressed = Compressed.from_bytes(compressed)
+    if not isinstance(compressed, Compressed):
+        raise TypeError(f"compressed must be a Compressed or bytes, got {type(compressed).__name__}")
+    return pipeline.decode_state(compressed.container, base, device, progress)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(
+    path: str | os.PathLike[str],
+    obj: Any,
+    base: Any = None,
+    *,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Compressed:
+    """Compress a state and write it to ``path`` atomically.
+
+    The file is written under a temporary name in the same directory, flushed to storage,
+    then renamed over ``path``: a crash at any moment leaves either the old file or the new
+    one, never a mix.
+
+    Args:
+        path: Destination file.
+        obj: The state.
+        base: As in :func:`compress`.
+        progress: Called with (bytes done, bytes total) while encoding.
+        **options: Codec options, as in :func:`compress`.
+
+    Returns:
+        The compressed state (its ``nbytes`` is the file size).
+    """
+    compressed = compress(obj, base, progress=progress, **options)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lct-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            compressed.write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return compressed
+
+
+def load(
+    path: str | os.PathLike[str],
+    base: Any = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """Read a state saved by :func:`save`.
+
+    The file is memory-mapped and each section is checked against its checksum before it
+    is decoded. Loading never unpickles: a file from an untrusted source cannot run code.
+
+    Args:
+        path: The file.
+        base: For a delta checkpoint, the state its predecessor restores to.
+        device: Device for the restored tensors.
+        progress: Called with (bytes done, bytes total).
+
+    Raises:
+        BaseMismatchError: If the base is missing or wrong.
+        FormatError: If the file is corrupt, truncated or not an lctriton file.
+    """
+    container = fmt.open_container(path)
+    try:
+        return pipeline.decode_state(container, base, device, progress)
+    finally:
+        try:
+            container.close()
+        except BufferError:  # a view is still referenced; the map closes when it is freed
+            pass
+
+
+def inspect(path: str | os.PathLike[str] | bytes | Compressed) -> dict[str, Any]:
+    """Describe a container without decoding it.
+
+    Args:
+        path: A file path, the bytes of a container, or a :class:`Compressed`.
+
+    Returns:
+        ``{"version", "nbytes", "raw_nbytes", "ratio", "delta", "tensors": [...]}`` where each
+        tensor entry has ``name``, ``dtype``, ``shape``, ``codec``, ``raw_nbytes``,
+        ``stored_nbytes``, ``ratio``, ``error_bound`` (max absolute error of the delta's
+        quantization, 0 for exact codecs), ``exceptions`` and ``base`` (fingerprint or None).
+
+    Raises:
+        FormatError: If the container is invalid.
+    """
+    if isinstance(path, Compressed):
+        container = path.container
+    elif isinstance(path, (bytes, bytearray, memoryview)):
+        container = fmt.read_container(path)
+    else:
+        container = fmt.open_container(path)
+    index = container.index
+    shapes = pipeline.validate_index(index)
+    tensors = []
+    for rec, (dtype, shape, numel) in zip(index["tensors"], shapes):
+        raw = numel * torch.empty(0, dtype=dtype).element_size()
+        stored = index["sections"][rec["section"]][1]
+        tensors.append(
+            {
+                "name": rec["name"],
+                "dtype": rec["dtype"],
+                "shape": list(shape),
+                "codec": rec["codec"],
+                "raw_nbytes": raw,
+                "stored_nbytes": stored,
+                "ratio": raw / stored if stored else float("inf"),
+                "error_bound": rec.get("bound", 0.0) if rec["codec"] == codecs.LC else 0.0,
+                "bits": rec.get("bits"),
+                "exceptions": rec.get("exceptions", 0),
+                "base": rec.get("base"),
+            }
+        )
+    raw_total = sum(t["raw_nbytes"] for t in tensors)
+    return {
+        "version": f"{fmt.MAJOR_VERSION}.{fmt.MINOR_VERSION}",
+        "nbytes": container.size,
+        "raw_nbytes": raw_total,
+        "ratio": raw_total / container.size,
+        "delta": any(t["base"] for t in tensors),
+        "tensors": tensors,
+    }

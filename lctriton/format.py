@@ -1,0 +1,244 @@
+"""The lctriton container: a safe, versioned, checksummed file of coded tensors.
+
+Layout (all integers little-endian; ``docs/format.md`` is the full specification)::
+
+    offset 0    header, 64 bytes
+                  magic         8s   b"\\x89LCT\\r\\n\\x1a\\n"
+                  major         u16  format major version (1)
+                  minor         u16  format minor version (0)
+                  flags         u32  0
+                  reserved      48s  zeros
+    offset 64   sections, each starting on a 64-byte boundary, zero padding between
+    ...         index: UTF-8 JSON object (tree, tensor records, section table, metadata)
+    end - 32    footer, 32 bytes
+                  index_offset  u64
+                  index_length  u64
+                  index_crc32   u32  CRC-32 of the index bytes
+                  footer_crc32  u32  CRC-32 of the 20 bytes before it
+                  end_magic     8s   b"LCTEND\\r\\n"
+
+The index is written after the sections so that a container streams out in one pass; the
+footer tells a reader where it is. Reading checks every size against the file length
+before it allocates anything, and every section against its CRC-32 before it is decoded.
+Nothing here unpickles: JSON and raw little-endian arrays are all a file can hold.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from lctriton.errors import ChecksumError, FormatError, TruncatedError, VersionError
+
+__all__ = [
+    "MAGIC",
+    "END_MAGIC",
+    "MAJOR_VERSION",
+    "MINOR_VERSION",
+    "HEADER_SIZE",
+    "FOOTER_SIZE",
+    "ALIGN",
+    "Container",
+    "write_container",
+    "read_container",
+    "open_container",
+]
+
+MAGIC = b"\x89LCT\r\n\x1a\n"
+END_MAGIC = b"LCTEND\r\n"
+MAJOR_VERSION = 1
+MINOR_VERSION = 0
+HEADER_SIZE = 64
+FOOTER_SIZE = 32
+ALIGN = 64
+#: Largest index a reader accepts, whatever the file size: a guard against absurd lengths.
+MAX_INDEX_BYTES = 256 << 20
+
+_HEADER = struct.Struct("<8sHHI48s")
+_FOOTER = struct.Struct("<QQII8s")
+
+
+def _crc(data: Any, value: int = 0) -> int:
+    return zlib.crc32(data, value) & 0xFFFFFFFF
+
+
+def _pad(n: int, align: int) -> int:
+    return -n % align
+
+
+def write_container(
+    out: BinaryIO, index: dict[str, Any], sections: Iterable[list[np.ndarray]]
+) -> int:
+    """Write a container to a binary stream in one pass.
+
+    Args:
+        out: Writable binary stream; it is not seeked.
+        index: JSON-serializable index; its ``"sections"`` entry is filled in here.
+        sections: For each section, the arrays written back to back, each padded to 8 bytes.
+
+    Returns:
+        The number of bytes written.
+    """
+    out.write(_HEADER.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, 0, bytes(48)))
+    offset = HEADER_SIZE
+    table = []
+    zeros = bytes(ALIGN)
+    for parts in sections:
+        crc = 0
+        length = 0
+        for part in parts:
+            data = memoryview(np.ascontiguousarray(part)).cast("B")
+            out.write(data)
+            crc = _crc(data, crc)
+            pad = _pad(data.nbytes, 8)
+            if pad:
+                out.write(zeros[:pad])
+                crc = _crc(zeros[:pad], crc)
+            length += data.nbytes + pad
+        table.append([offset, length, crc])
+        offset += length
+        pad = _pad(offset, ALIGN)
+        out.write(zeros[:pad])
+        offset += pad
+    index = dict(index, sections=table)
+    blob = json.dumps(index, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    out.write(blob)
+    index_offset = offset
+    offset += len(blob)
+    body = struct.pack("<QQI", index_offset, len(blob), _crc(blob))
+    out.write(_FOOTER.pack(index_offset, len(blob), _crc(blob), _crc(body), END_MAGIC))
+    return offset + FOOTER_SIZE
+
+
+class Container:
+    """A parsed container: its index and access to its sections.
+
+    Attributes:
+        index: The decoded JSON index (its structure is checked by the readers of each part;
+            the section table is checked here).
+        size: Total bytes.
+    """
+
+    def __init__(self, buffer: Any, index: dict[str, Any], size: int, keepalive: Any = None) -> None:
+        self._buffer = memoryview(buffer)
+        self.index = index
+        self.size = size
+        self._keepalive = keepalive
+        self._verified: set[int] = set()
+
+    @property
+    def num_sections(self) -> int:
+        return len(self.index["sections"])
+
+    def section(self, i: int, verify: bool = True) -> memoryview:
+        """The bytes of section ``i``, checked against its CRC-32.
+
+        Raises:
+            FormatError: If ``i`` is not a section of this container.
+            ChecksumError: If the bytes do not match the recorded checksum.
+        """
+        sections = self.index["sections"]
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(sections):
+            raise FormatError(f"section {i!r} does not exist (the container has {len(sections)})")
+        offset, length, crc = sections[i]
+        view = self._buffer[offset : offset + length]
+        if verify and i not in self._verified:
+            if _crc(view) != crc:
+                raise ChecksumError(f"section {i} (bytes {offset}..{offset + length}) fails its CRC-32 check")
+            self._verified.add(i)
+        return view
+
+    def close(self) -> None:
+        """Release the memory map, if any. Tensors already decoded stay valid."""
+        self._buffer.release()
+        if self._keepalive is not None:
+            self._keepalive.close()
+            self._keepalive = None
+
+
+def read_container(buffer: Any, keepalive: Any = None) -> Container:
+    """Parse and validate a container held in memory (bytes, bytearray, mmap, memoryview).
+
+    Raises:
+        TruncatedError: If the data ends before a structure it declares.
+        VersionError: If the major version is not one this reader knows.
+        ChecksumError: If the footer or the index fails its checksum.
+        FormatError: For any other inconsistency, naming it.
+    """
+    view = memoryview(buffer).cast("B") if not isinstance(buffer, mmap.mmap) else memoryview(buffer)
+    size = view.nbytes
+    if size < len(MAGIC) or bytes(view[: len(MAGIC)]) != MAGIC:
+        raise FormatError("not an lctriton container: the magic bytes at offset 0 are wrong")
+    if size < HEADER_SIZE + FOOTER_SIZE:
+        raise TruncatedError(f"container is truncated: {size} bytes, the minimum is {HEADER_SIZE + FOOTER_SIZE}")
+    _, major, minor, flags, _ = _HEADER.unpack(view[:HEADER_SIZE])
+    if major != MAJOR_VERSION:
+        raise VersionError(
+            f"container format version {major}.{minor} is not supported (this reader reads {MAJOR_VERSION}.x)"
+        )
+    if flags != 0:
+        raise FormatError(f"unknown header flags 0x{flags:08x}")
+    index_offset, index_length, index_crc, footer_crc, end_magic = _FOOTER.unpack(view[size - FOOTER_SIZE :])
+    if end_magic != END_MAGIC:
+        raise TruncatedError("container is truncated or has trailing bytes: its footer is missing")
+    if _crc(view[size - FOOTER_SIZE : size - FOOTER_SIZE + 20]) != footer_crc:
+        raise ChecksumError("the container's footer fails its CRC-32 check")
+    if not HEADER_SIZE <= index_offset <= size - FOOTER_SIZE or index_length > size - FOOTER_SIZE - index_offset:
+        raise FormatError(
+            f"index at {index_offset} (+{index_length} bytes) lies outside the container ({size} bytes)"
+        )
+    if index_length > MAX_INDEX_BYTES:
+        raise FormatError(f"index of {index_length} bytes exceeds the limit of {MAX_INDEX_BYTES}")
+    blob = view[index_offset : index_offset + index_length]
+    if _crc(blob) != index_crc:
+        raise ChecksumError("the container's index fails its CRC-32 check")
+    try:
+        index = json.loads(bytes(blob).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"the container's index is not valid JSON: {exc}") from None
+    if not isinstance(index, dict):
+        raise FormatError("the container's index is not a JSON object")
+    sections = index.get("sections")
+    if not isinstance(sections, list):
+        raise FormatError("the container's index has no section table")
+    end = HEADER_SIZE
+    for i, entry in enumerate(sections):
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in entry)
+        ):
+            raise FormatError(f"section {i}: entry {entry!r} is not [offset, length, crc32]")
+        offset, length, crc = entry
+        if offset < end or offset % ALIGN or offset + length > index_offset or crc > 0xFFFFFFFF:
+            raise FormatError(
+                f"section {i}: bytes {offset}..{offset + length} overlap another part of the container"
+            )
+        end = offset + length
+    return Container(view, index, size, keepalive)
+
+
+def open_container(path: str | os.PathLike[str]) -> Container:
+    """Memory-map a container file and parse it (see :func:`read_container`).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        FormatError: As :func:`read_container`.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise TruncatedError(f"{os.fspath(path)!r} is empty")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return read_container(mapped, keepalive=mapped)
+    except BaseException:
+        mapped.close()
+        raise

@@ -1,0 +1,484 @@
+"""Encoding and decoding of whole training states, built from the codec passes.
+
+A state is any nesting of dicts, lists and tuples over tensors and plain values: a
+``model.state_dict()``, an ``optimizer.state_dict()``, or a dict of several plus extras.
+Its structure is stored as a tree of typed JSON nodes; tensors are stored in sections,
+each coded by the codec chosen for it (see :mod:`lctriton.codecs`). Tensors are matched to
+their base by their dotted name ("model.fc.weight", "optimizer.state.0.exp_avg").
+
+Tree nodes (``"t"`` is the type)::
+
+    {"t": "none"} | {"t": "bool", "v": b} | {"t": "int", "v": i} | {"t": "float", "v": hex}
+    {"t": "str", "v": s} | {"t": "bytes", "v": base64}
+    {"t": "list" | "tuple", "v": [node, ...]} | {"t": "size", "v": [int, ...]}
+    {"t": "dict" | "odict", "v": [[key node, node], ...]}
+    {"t": "tensor", "i": k} | {"t": "ndarray", "i": k} | {"t": "dtype", "v": name}
+
+A tensor that appears several times (tied weights) is stored once and restored shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import fnmatch
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from lctriton import backend, codecs
+from lctriton.config import CodecOptions
+from lctriton.errors import BaseMismatchError, FormatError
+from lctriton.format import Container
+from lctriton.kernels import reference
+
+__all__ = ["EncodedState", "encode_state", "decode_state", "flatten_tensors", "tensor_names"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+_MAX_DEPTH = 100
+_KEY_TYPES = (str, int, float, bool, type(None), tuple)
+
+
+class EncodedState:
+    """The output of :func:`encode_state`: an index and the sections of a container.
+
+    Attributes:
+        index: JSON-ready index without its section table.
+        sections: Payload parts of each section (one section per stored tensor).
+        reconstruction: The state a decoder restores, when it was asked for.
+        raw_nbytes: Bytes of all tensors as stored in memory.
+    """
+
+    def __init__(self, index, sections, reconstruction, raw_nbytes):
+        self.index = index
+        self.sections = sections
+        self.reconstruction = reconstruction
+        self.raw_nbytes = raw_nbytes
+
+
+# --------------------------------------------------------------------------- tree
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self.kinds: list[str] = []
+        self._seen: dict[tuple, int] = {}
+
+    def _tensor_key(self, t: torch.Tensor) -> tuple:
+        return (
+            t.device.type,
+            t.device.index,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+
+    def node(self, obj: Any, path: tuple, depth: int = 0) -> dict:
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"state is nested deeper than {_MAX_DEPTH} levels at {_path_name(path)!r}")
+        if obj is None:
+            return {"t": "none"}
+        if isinstance(obj, (bool, np.bool_)):
+            return {"t": "bool", "v": bool(obj)}
+        if isinstance(obj, (int, np.integer)):
+            return {"t": "int", "v": int(obj)}
+        if isinstance(obj, (float, np.floating)):
+            return {"t": "float", "v": float(obj).hex()}
+        if isinstance(obj, str):
+            return {"t": "str", "v": obj}
+        if isinstance(obj, (bytes, bytearray)):
+            return {"t": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
+        if isinstance(obj, torch.dtype):
+            if obj not in codecs.DTYPE_NAMES:
+                raise TypeError(f"cannot store dtype {obj} at {_path_name(path)!r}")
+            return {"t": "dtype", "v": codecs.DTYPE_NAMES[obj]}
+        if isinstance(obj, torch.Size):
+            return {"t": "size", "v": [int(d) for d in obj]}
+        if isinstance(obj, torch.Tensor):
+            return {"t": "tensor", "i": self._add(obj, path, "tensor")}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biufc":
+                raise TypeError(f"cannot store a numpy array of dtype {obj.dtype} at {_path_name(path)!r}")
+            return {"t": "ndarray", "i": self._add(torch.from_numpy(np.ascontiguousarray(obj)), path, "ndarray")}
+        if isinstance(obj, dict):
+            items = []
+            for k, v in obj.items():
+                if not isinstance(k, _KEY_TYPES):
+                    raise TypeError(f"cannot store a dict key of type {type(k).__name__} at {_path_name(path)!r}")
+                items.append([self.node(k, path, depth + 1), self.node(v, path + (k,), depth + 1)])
+            return {"t": "odict" if isinstance(obj, collections.OrderedDict) else "dict", "v": items}
+        if isinstance(obj, (list, tuple)):
+            kind = "list" if isinstance(obj, list) else "tuple"
+            return {"t": kind, "v": [self.node(v, path + (i,), depth + 1) for i, v in enumerate(obj)]}
+        raise TypeError(
+            f"cannot store an object of type {type(obj).__module__}.{type(obj).__qualname__} "
+            f"at {_path_name(path) or '<root>'!r}: states hold tensors, numpy arrays, numbers, "
+            "strings, bytes, None, and dicts, lists and tuples of them"
+        )
+
+    def _add(self, t: torch.Tensor, path: tuple, kind: str) -> int:
+        if t.is_sparse or t.layout != torch.strided:
+            raise TypeError(f"cannot store a tensor with layout {t.layout} at {_path_name(path)!r}")
+        if t.dtype not in codecs.DTYPE_NAMES:
+            raise TypeError(f"cannot store a tensor of dtype {t.dtype} at {_path_name(path)!r}")
+        if t.device.type == "meta":
+            raise ValueError(f"tensor at {_path_name(path)!r} is on the meta device and has no data")
+        key = self._tensor_key(t)
+        if key in self._seen:
+            return self._seen[key]
+        self._seen[key] = len(self.tensors)
+        self.tensors.append((_path_name(path), t))
+        self.kinds.append(kind)
+        return len(self.tensors) - 1
+
+
+def flatten_tensors(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a state by dotted name (first occurrence of shared tensors)."""
+    flat = _Flattener()
+    flat.node(obj, ())
+    return dict(flat.tensors)
+
+
+def tensor_names(index: dict) -> list[str]:
+    """Names of the tensors recorded in a container's index."""
+    return [rec.get("name", "?") for rec in index.get("tensors", [])]
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _is_exact(name: str, tensor: torch.Tensor, options: CodecOptions) -> bool:
+    if options.lossless or tensor.dtype not in reference.LOSSY_DTYPES:
+        return True
+    if tensor.numel() < options.min_numel:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in options.exact_patterns)
+
+
+def encode_state(
+    obj: Any,
+    base: Any,
+    options: CodecOptions,
+    reconstruct: bool = False,
+    progress: Progress | None = None,
+) -> EncodedState:
+    """Encode a state, each floating tensor against the same-named tensor of ``base``.
+
+    Args:
+        obj: The state.
+        base: The state the previous checkpoint restores to, or None for a key checkpoint.
+        options: Codec options.
+        reconstruct: Also return the state a decoder will restore (the next base).
+        progress: Called with (bytes done, bytes total) as tensors are encoded.
+
+    Returns:
+        The encoded state.
+
+    Raises:
+        TypeError: If the state holds something that cannot be stored (naming where).
+    """
+    flat = _Flattener()
+    tree = flat.node(obj, ())
+    base_tensors = flatten_tensors(base) if base is not None else {}
+    records, sections, recon_tensors = [], [], []
+    total = sum(t.numel() * t.element_size() for _, t in flat.tensors)
+    done = 0
+    for (name, tensor), kind in zip(flat.tensors, flat.kinds):
+        if _is_exact(name, tensor, options):
+            encoded = codecs.encode_raw(tensor)
+            recon = tensor.detach().clone() if reconstruct else None
+        else:
+            b = base_tensors.get(name)
+            if b is not None and (b.shape != tensor.shape or b.dtype != tensor.dtype):
+                logger.info("base tensor %r differs in shape or dtype; storing a key for it", name)
+                b = None
+            if b is None and options.lossless_key:
+                encoded = codecs.encode_raw(tensor)
+                recon = tensor.detach().clone() if reconstruct else None
+            else:
+                encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols)
+                recon = encoded.reconstruction.to(tensor.device) if reconstruct else None
+        encoded.record["name"] = name
+        encoded.record["kind"] = kind
+        encoded.record["section"] = len(sections)
+        records.append(encoded.record)
+        sections.append(encoded.parts)
+        recon_tensors.append(recon)
+        done += tensor.numel() * tensor.element_size()
+        if progress is not None:
+            progress(done, total)
+    index = {"format": "lctriton", "tree": tree, "tensors": records}
+    reconstruction = _rebuild(tree, [_as_kind(t, k) for t, k in zip(recon_tensors, flat.kinds)]) if reconstruct else None
+    return EncodedState(index, sections, reconstruction, total)
+
+
+def _as_kind(t: torch.Tensor | None, kind: str) -> Any:
+    if t is None or kind == "tensor":
+        return t
+    return t.cpu().numpy()
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _rebuild(node: Any, tensors: list[Any], depth: int = 0) -> Any:
+    """Rebuild the state from a validated tree."""
+    t = node["t"]
+    if t == "none":
+        return None
+    if t in ("bool", "int", "str"):
+        return node["v"]
+    if t == "float":
+        return float.fromhex(node["v"])
+    if t == "bytes":
+        return base64.b64decode(node["v"])
+    if t == "dtype":
+        return codecs.DTYPES[node["v"]]
+    if t == "size":
+        return torch.Size(node["v"])
+    if t in ("tensor", "ndarray"):
+        return tensors[node["i"]]
+    if t in ("list", "tuple"):
+        items = [_rebuild(v, tensors, depth + 1) for v in node["v"]]
+        return items if t == "list" else tuple(items)
+    out = collections.OrderedDict() if t == "odict" else {}
+    for k, v in node["v"]:
+        out[_rebuild(k, tensors, depth + 1)] = _rebuild(v, tensors, depth + 1)
+    return out
+
+
+_SCALARS = {"bool": bool, "int": int, "str": str}
+
+
+def _validate_tree(node: Any, ntensors: int, kinds: list[str], depth: int = 0, key: bool = False) -> None:
+    """Check a tree read from a file so that :func:`_rebuild` cannot fail or misbehave."""
+    if depth > _MAX_DEPTH:
+        raise FormatError(f"state tree is nested deeper than {_MAX_DEPTH} levels")
+    if not isinstance(node, dict) or not isinstance(node.get("t"), str):
+        raise FormatError(f"state tree node {str(node)[:60]!r} is not a typed object")
+    t = node["t"]
+    v = node.get("v")
+    if t == "none":
+        return
+    if t in _SCALARS:
+        ok = isinstance(v, _SCALARS[t]) and (t == "bool" or not isinstance(v, bool))
+        if not ok:
+            raise FormatError(f"state tree node of type {t!r} holds {v!r}")
+        return
+    if t == "float":
+        try:
+            float.fromhex(v)
+        except (TypeError, ValueError):
+            raise FormatError(f"state tree float {v!r} is not a hexadecimal float") from None
+        return
+    if key:
+        if t == "tuple" and isinstance(v, list):
+            for item in v:
+                _validate_tree(item, ntensors, kinds, depth + 1, key=True)
+            return
+        raise FormatError(f"state tree dict key of type {t!r} is not allowed")
+    if t == "bytes":
+        try:
+            base64.b64decode(v, validate=True)
+        except (TypeError, ValueError):
+            raise FormatError("state tree bytes node is not base64") from None
+    elif t == "dtype":
+        if v not in codecs.DTYPES:
+            raise FormatError(f"state tree dtype {v!r} is unknown")
+    elif t == "size":
+        if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
+            raise FormatError("state tree size node is not a list of non-negative ints")
+    elif t in ("tensor", "ndarray"):
+        i = node.get("i")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < ntensors:
+            raise FormatError(f"state tree refers to tensor {i!r}, but {ntensors} are stored")
+        if kinds[i] != t:
+            raise FormatError(f"state tree node {t!r} refers to a stored {kinds[i]!r}")
+    elif t in ("list", "tuple"):
+        if not isinstance(v, list):
+            raise FormatError(f"state tree {t} node does not hold a list")
+        for item in v:
+            _validate_tree(item, ntensors, kinds, depth + 1)
+    elif t in ("dict", "odict"):
+        if not isinstance(v, list):
+            raise FormatError(f"state tree {t} node does not hold a list of pairs")
+        for pair in v:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise FormatError(f"state tree {t} entry is not a [key, value] pair")
+            _validate_tree(pair[0], ntensors, kinds, depth + 1, key=True)
+            _validate_tree(pair[1], ntensors, kinds, depth + 1)
+    else:
+        raise FormatError(f"state tree node type {t!r} is unknown")
+
+
+def validate_index(index: dict) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
+    """Check the state parts of an index; return dtype, shape and size of each tensor.
+
+    Raises:
+        FormatError: Naming what is wrong.
+    """
+    if index.get("format") != "lctriton":
+        raise FormatError("the index does not describe an lctriton state")
+    records = index.get("tensors")
+    if not isinstance(records, list):
+        raise FormatError("the index has no tensor list")
+    nsections = len(index["sections"])
+    shapes, kinds = [], []
+    for i, rec in enumerate(records):
+        name = rec.get("name") if isinstance(rec, dict) else None
+        if not isinstance(name, str):
+            raise FormatError(f"tensor record {i} has no name")
+        shapes.append(codecs.validate_record(rec, name))
+        section = rec.get("section")
+        if isinstance(section, bool) or not isinstance(section, int) or not 0 <= section < nsections:
+            raise FormatError(f"tensor {name!r} refers to section {section!r}, but {nsections} exist")
+        if rec.get("kind") not in ("tensor", "ndarray"):
+            raise FormatError(f"tensor {name!r} has unknown kind {rec.get('kind')!r}")
+        kinds.append(rec["kind"])
+    _validate_tree(index.get("tree"), len(records), kinds)
+    return shapes
+
+
+def _part(view: memoryview, layout: list, name: str, part: str, dtype: np.dtype) -> np.ndarray:
+    for pname, offset, size in layout:
+        if pname == part:
+            return np.frombuffer(view, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+    raise AssertionError(part)  # layout always lists every part of its codec
+
+
+def decode_state(
+    container: Container,
+    base: Any = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """Decode a container's state.
+
+    Args:
+        container: A parsed container.
+        base: The state the container's deltas were coded against (its restored form).
+        device: Where to put the tensors; by default the base tensor's device for deltas,
+            else CPU.
+        progress: Called with (bytes done, bytes total).
+
+    Returns:
+        The state, with the structure it was saved with.
+
+    Raises:
+        BaseMismatchError: If a delta needs a base that is missing or different.
+        FormatError: If the container is corrupt (naming the tensor).
+    """
+    index = container.index
+    shapes = validate_index(index)
+    records = index["tensors"]
+    base_tensors = flatten_tensors(base) if base is not None else {}
+    target = torch.device(device) if device is not None else None
+    tensors: list[Any] = [None] * len(records)
+    pending: list[tuple[int, reference.LcStream, np.ndarray, np.ndarray]] = []
+    total = sum(n * torch.empty(0, dtype=d).element_size() for d, _, n in shapes)
+    done = 0
+    for i, (rec, (dtype, shape, numel)) in enumerate(zip(records, shapes)):
+        name = rec["name"]
+        view = container.section(rec["section"])
+        layout = codecs.payload_layout(rec, numel)
+        needed = sum(((size + 7) & ~7) for _, _, size in layout)
+        if view.nbytes != needed:
+            raise FormatError(f"tensor {name!r}: section holds {view.nbytes} bytes, its record needs {needed}")
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if rec["codec"] == codecs.RAW:
+            data = bytearray(view[: numel * itemsize])
+            t = torch.frombuffer(data, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+            tensors[i] = t.reshape(shape)
+            done += numel * itemsize
+            if progress is not None:
+                progress(done, total)
+            continue
+        b = None
+        if rec["base"] is not None:
+            b = base_tensors.get(name)
+            if b is None:
+                raise BaseMismatchError(
+                    f"tensor {name!r} is a delta against base {rec['base']}; pass the state the "
+                    "previous checkpoint restores to as base="
+                )
+            if tuple(b.shape) != shape or b.dtype != dtype:
+                raise BaseMismatchError(
+                    f"tensor {name!r}: the base given is {tuple(b.shape)} {b.dtype}, the delta needs {shape} {dtype}"
+                )
+            found = f"{backend.fingerprint(b):016x}"
+            if found != rec["base"]:
+                raise BaseMismatchError(
+                    f"tensor {name!r} was coded against base {rec['base']} but the base given is {found}: "
+                    "it is not the state the previous checkpoint restores to"
+                )
+        nchunks = -(-numel // rec["chunk"])
+        chunk_bits = _part(view, layout, name, "chunk_bits", np.dtype(np.uint32)).astype(np.int64)
+        stream = _part(view, layout, name, "stream", np.dtype(np.int64))
+        lengths = np.array(rec["lengths"], dtype=np.uint8)
+        if chunk_bits.size != nchunks or int(chunk_bits.sum()) > stream.size * 64:
+            raise FormatError(f"tensor {name!r}: chunk table does not match its stream")
+        if not lengths.any() and (stream.size or chunk_bits.any()):
+            raise FormatError(f"tensor {name!r}: a fill must not have a stream")
+        if lengths.any() and -(-int(chunk_bits.sum()) // 64) != stream.size:
+            raise FormatError(f"tensor {name!r}: stream length does not match its chunk table")
+        reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
+        exc_index = _part(view, layout, name, "exc_index", np.dtype(np.int64))
+        exc_values = _part(view, layout, name, "exc_values", np.dtype(np.uint8))
+        if exc_index.size and (exc_index.min() < 0 or exc_index.max() >= numel):
+            raise FormatError(f"tensor {name!r}: exception index out of range")
+        item = reference.LcStream(
+            torch.from_numpy(stream.copy()),
+            torch.from_numpy(chunk_bits),
+            numel,
+            lengths,
+            rec["fill"],
+            reps,
+            None if b is None else b.reshape(-1),
+            dtype,
+        )
+        pending.append((i, item, exc_index, exc_values))
+    if pending:
+        groups: dict[tuple[int, str], list] = {}
+        for entry in pending:
+            item = entry[1]
+            dev = item.base.device.type if item.base is not None else "cpu"
+            groups.setdefault((records[entry[0]]["chunk"], dev), []).append(entry)
+        for (chunk, dev), entries in groups.items():
+            try:
+                outs = backend.lc_decode([e[1] for e in entries], chunk, torch.device(dev))
+            except ValueError as exc:
+                names = ", ".join(repr(records[e[0]]["name"]) for e in entries[:3])
+                raise FormatError(f"corrupt stream among tensors {names}: {exc}") from None
+            for (i, item, exc_index, exc_values), out in zip(entries, outs):
+                dtype, shape, numel = shapes[i]
+                if exc_index.size:
+                    values = torch.frombuffer(bytearray(exc_values.tobytes()), dtype=dtype)
+                    out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
+                tensors[i] = out.reshape(shape)
+                done += numel * out.element_size()
+                if progress is not None:
+                    progress(done, total)
+    for i, rec in enumerate(records):
+        t = tensors[i]
+        if rec["kind"] == "ndarray":
+            tensors[i] = t.cpu().numpy()
+            continue
+        if target is not None:
+            t = t.to(target)
+        elif rec["codec"] == codecs.LC and rec["base"] is not None:
+            t = t.to(base_tensors[rec["name"]].device)
+        tensors[i] = t
+    return _rebuild(index["tree"], tensors)

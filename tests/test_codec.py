@@ -1,0 +1,316 @@
+"""Round trips of the codec: dtypes, shapes, special values, exact paths and error bounds."""
+
+import collections
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lctriton
+from lctriton import codecs
+from lctriton.kernels import reference
+from lctriton.testing import assert_bit_exact, bits, special_values, ulp
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# 0, 1, a prime, chunk +- 1, several chunks, and more than one CPU block.
+SIZES = [0, 1, 1031, 4095, 4097, 3 * 4096 + 5, reference.BLOCK + 77]
+
+
+def _pair(n, dtype, seed=0, scale=1e-3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g, dtype=torch.float64) * 0.05
+    step = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    mask = torch.rand(n, generator=g) < 0.7
+    return (base + step * mask).to(dtype), base.to(dtype)
+
+
+def _roundtrip(x, base, **options):
+    options.setdefault("min_numel", 0)
+    c, recon = lctriton.compress({"w": x}, base=None if base is None else {"w": base},
+                                 return_reconstruction=True, **options)
+    restored = lctriton.decompress(lctriton.Compressed.from_bytes(c.to_bytes()),
+                                   base=None if base is None else {"w": base})
+    assert_bit_exact(restored["w"], recon["w"], "decoder output vs encoder reconstruction")
+    return c, restored["w"]
+
+
+def _assert_within_bucket_bounds(x, base, restored, record):
+    """Each finite element's error is below its bucket's width (kept) or the tensor bound."""
+    dtype = x.dtype
+    x, base, restored = x.reshape(-1), base.reshape(-1), restored.reshape(-1)
+    d = reference._delta_block(reference._np(x.contiguous()), reference._np(base.contiguous()), dtype)
+    exponent = torch.from_numpy((d.view(np.uint32) >> 23) & 0xFF).to(torch.float64)
+    reps = np.array(record["reps"], dtype=np.uint32).view(np.float32)
+    kept_keys = set()
+    for r in reps[1:]:
+        kept_keys.add(int(np.array([r], np.float32).view(np.uint32)[0] >> 23))
+    key = torch.from_numpy((d.view(np.uint32) >> 23).astype(np.int64))
+    kept = torch.tensor([int(k) in kept_keys for k in key.tolist()]) if key.numel() < 200_000 else None
+    err = (restored.to(torch.float64) - x.to(torch.float64)).abs()
+    slack = ulp(restored) + ulp(torch.from_numpy(d))
+    bound = torch.full_like(err, record["bound"])
+    if kept is not None:
+        bound = torch.where(kept, torch.exp2(torch.clamp(exponent, min=1) - 127), bound)
+    finite = torch.isfinite(x.to(torch.float64))
+    assert bool((err[finite] <= bound[finite] + slack[finite]).all()), float((err - bound - slack)[finite].max())
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", SIZES)
+def test_lossy_delta_round_trip(dtype, n):
+    x, base = _pair(n, dtype, seed=n)
+    c, restored = _roundtrip(x, base)
+    rec = c.index["tensors"][0]
+    assert rec["codec"] == codecs.LC
+    if n:
+        _assert_within_bucket_bounds(x, base, restored, rec)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_lossless_round_trip_is_byte_identical(dtype):
+    x, base = _pair(5000, dtype)
+    _, restored = _roundtrip(x, base, lossless=True)
+    assert_bit_exact(restored, x)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_special_values_survive(dtype):
+    sv = special_values(dtype)
+    x = sv.repeat(300)[: 4096 + 3]
+    base = torch.roll(x, 7)
+    _, restored = _roundtrip(x, base)
+    nonfinite = ~torch.isfinite(x)
+    assert_bit_exact(restored[nonfinite], x[nonfinite], "non-finite values")
+    # Against a zero base too: the lossy key path.
+    _, restored = _roundtrip(x, None, lossless_key=False)
+    assert_bit_exact(restored[~torch.isfinite(x)], x[~torch.isfinite(x)])
+
+
+def test_overflowing_reconstruction_is_stored_exactly():
+    # float16: 65504 - 60000 = 5504 sits in a bucket whose mean rounds past 65504.
+    x = torch.tensor([65504.0] + [6500.0, 7000.0, 8100.0] * 400, dtype=torch.float16)
+    base = torch.tensor([60000.0] + [0.0] * 1200, dtype=torch.float16)
+    c, restored = _roundtrip(x, base)
+    assert torch.isfinite(restored).all()
+    assert restored[0] == x[0]
+    assert c.index["tensors"][0]["exceptions"] >= 1
+
+
+@pytest.mark.parametrize("bits_", range(1, 9))
+@pytest.mark.parametrize("chunk", [64, 4096, 65536])
+def test_every_width_and_chunk_size(bits_, chunk):
+    x, base = _pair(20_000, torch.float32, seed=bits_)
+    c, restored = _roundtrip(x, base, bits=bits_, chunk_symbols=chunk)
+    rec = c.index["tensors"][0]
+    assert len(rec["reps"]) <= 1 << bits_
+    _assert_within_bucket_bounds(x, base, restored, rec)
+
+
+def test_more_bits_means_smaller_error():
+    x, base = _pair(50_000, torch.float32, seed=3)
+    errors = [float((_roundtrip(x, base, bits=b)[1] - x).abs().max()) for b in (1, 2, 3, 5, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
+
+
+def test_unchanged_tensor_is_a_fill():
+    x = torch.randn(10_000)
+    c, restored = _roundtrip(x, x.clone())
+    rec = c.index["tensors"][0]
+    assert rec["fill"] == 0 and rec["words"] == 0
+    assert_bit_exact(restored, x)
+    assert c.nbytes < 2000
+
+
+def test_non_contiguous_input():
+    x, base = _pair(64 * 130, torch.float32)
+    xt, bt = x.view(64, 130).t(), base.view(64, 130).t()
+    assert not xt.is_contiguous()
+    _, restored = _roundtrip(xt, bt)
+    assert restored.shape == (130, 64)
+    _assert_within_bucket_bounds(xt.contiguous(), bt.contiguous(), restored, _roundtrip(xt, bt)[0].index["tensors"][0])
+
+
+def test_closed_loop_error_does_not_accumulate():
+    """Each checkpoint is coded against the previous reconstruction, so after many deltas
+    the error stays one quantization step, not the sum of all steps."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(50_000, generator=g) * 0.05
+    state = {"w": w.clone()}
+    _, recon = lctriton.compress(state, return_reconstruction=True)
+    for _ in range(20):
+        w += torch.randn(50_000, generator=g) * 1e-3
+        c, recon = lctriton.compress({"w": w}, base=recon, return_reconstruction=True)
+        bound = c.index["tensors"][0]["bound"]
+        assert float((recon["w"] - w).abs().max()) <= bound * 1.001
+
+
+def test_exact_paths_are_byte_identical():
+    g = torch.Generator().manual_seed(2)
+    state = {
+        "ints": torch.randint(-(2**40), 2**40, (5000,), generator=g),
+        "int8": torch.randint(-128, 127, (3000,), dtype=torch.int8, generator=g),
+        "mask": torch.rand(4000, generator=g) > 0.5,
+        "tiny": torch.randn(10, generator=g),
+        "bn.num_batches_tracked": torch.tensor(12345),
+        "marked.weight": torch.randn(5000, generator=g),
+        "complex": torch.randn(2000, dtype=torch.complex64, generator=g),
+    }
+    base = {k: (v + 1 if v.dtype not in (torch.bool,) else ~v) for k, v in state.items()}
+    c = lctriton.compress(state, base=base, exact=["marked.*"])
+    restored = lctriton.decompress(c, base=base)
+    for k, v in state.items():
+        assert_bit_exact(restored[k], v, k)
+    assert all(r["codec"] == codecs.RAW for r in c.index["tensors"])
+
+
+def test_non_tensor_leaves_round_trip():
+    state = collections.OrderedDict(
+        step=7,
+        big=2**80,
+        lr=1e-3,
+        weird=[float("inf"), float("-inf"), -0.0],
+        name="run-1 ✓",
+        blob=b"\x00\x01\xff",
+        nothing=None,
+        flags=(True, False),
+        nested={0: {"a": [1, 2, {"b": "c"}]}, (1, "x"): 2.5, None: 1, 1.5: "f", True: "t"},
+        shape=torch.Size([2, 3]),
+        dtype=torch.bfloat16,
+        rng=np.arange(6, dtype=np.uint32),
+    )
+    restored = lctriton.decompress(lctriton.compress(state).to_bytes())
+    assert isinstance(restored, collections.OrderedDict)
+    assert list(restored) == list(state)
+    for k in state:
+        if k == "rng":
+            assert isinstance(restored[k], np.ndarray) and (restored[k] == state[k]).all()
+        elif k == "weird":
+            assert [math.copysign(1, v) for v in restored[k]] == [1, -1, -1]
+        else:
+            assert restored[k] == state[k] and type(restored[k]) is type(state[k]), k
+
+
+def test_optimizer_state_round_trips_and_loads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    restored = lctriton.decompress(lctriton.compress(state).to_bytes())
+    opt2 = torch.optim.Adam(model.parameters(), lr=1.0)
+    opt2.load_state_dict(restored["optimizer"])
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    for k, v in opt.state_dict()["state"][0].items():
+        assert_bit_exact(restored["optimizer"]["state"][0][k], v, k)
+    model.load_state_dict(restored["model"])
+
+
+def test_tied_tensors_are_stored_once_and_restored_shared():
+    emb = torch.nn.Embedding(100, 32)
+    head = torch.nn.Linear(32, 100, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    c = lctriton.compress(model.state_dict())
+    assert len(c.index["tensors"]) == 1
+    restored = lctriton.decompress(c)
+    assert restored["emb.weight"] is restored["head.weight"]
+
+
+def test_lossy_key_checkpoint_against_zeros():
+    x = torch.randn(10_000)
+    c, restored = _roundtrip(x, None, lossless_key=False)
+    assert c.index["tensors"][0]["codec"] == codecs.LC and c.index["tensors"][0]["base"] is None
+    assert float((restored - x).abs().max()) <= c.index["tensors"][0]["bound"] * 1.001
+
+
+def test_base_with_other_shape_gives_a_key_for_that_tensor():
+    x = torch.randn(5000)
+    c = lctriton.compress({"w": x}, base={"w": torch.randn(4000)})
+    assert c.index["tensors"][0]["codec"] == codecs.RAW
+
+
+def test_wrong_or_missing_base_is_detected():
+    x, base = _pair(5000, torch.float32)
+    c = lctriton.compress({"w": x}, base={"w": base})
+    with pytest.raises(lctriton.BaseMismatchError, match="pass the state"):
+        lctriton.decompress(c)
+    with pytest.raises(lctriton.BaseMismatchError, match="coded against base"):
+        other = base.clone()
+        other[1234] += 1e-6
+        lctriton.decompress(c, base={"w": other})
+    with pytest.raises(lctriton.BaseMismatchError, match="the base given is"):
+        lctriton.decompress(c, base={"w": base.double()})
+
+
+def test_decompress_to_device_argument():
+    x, base = _pair(5000, torch.float32)
+    c = lctriton.compress({"w": x, "i": torch.arange(3)}, base={"w": base})
+    out = lctriton.decompress(c, base={"w": base}, device="cpu")
+    assert out["w"].device.type == "cpu" and out["i"].tolist() == [0, 1, 2]
+
+
+def test_unsupported_objects_are_named():
+    with pytest.raises(TypeError, match=r"object.*'model\.layer'"):
+        lctriton.compress({"model": {"layer": object()}})
+    with pytest.raises(TypeError, match="dict key of type"):
+        lctriton.compress({frozenset(): 1})
+    with pytest.raises(TypeError, match="layout"):
+        lctriton.compress({"s": torch.eye(3).to_sparse()})
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"bits": 0}, ValueError, "bits"),
+        ({"bits": 9}, ValueError, "bits"),
+        ({"bits": True}, ValueError, "bits"),
+        ({"lossless": 1}, TypeError, "lossless"),
+        ({"exact": [1]}, TypeError, "exact"),
+        ({"min_numel": -1}, ValueError, "min_numel"),
+        ({"chunk_symbols": 100}, ValueError, "chunk_symbols"),
+        ({"chunk_symbols": 1 << 17}, ValueError, "chunk_symbols"),
+        ({"colour": "red"}, TypeError, "unknown codec option"),
+    ],
+)
+def test_invalid_options_are_named(options, error, match):
+    with pytest.raises(error, match=match):
+        lctriton.compress({"w": torch.randn(10)}, **options)
+
+
+def test_reference_launchers_validate_arguments():
+    x = torch.randn(100)
+    with pytest.raises(TypeError, match="x must be float32"):
+        reference.lc_histogram(torch.arange(3), None)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        reference.lc_histogram([1.0], None)
+    with pytest.raises(TypeError, match="base must be a tensor"):
+        reference.lc_histogram(x, [1.0])
+    with pytest.raises(ValueError, match="base must match"):
+        reference.lc_histogram(x, torch.randn(99))
+    lut = torch.zeros(reference.NUM_FINE_KEYS, dtype=torch.uint8)
+    reps, lengths = torch.zeros(2), torch.tensor([1, 1], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="key_to_symbol"):
+        reference.lc_encode(x, None, lut[:10], reps, lengths, 64)
+    with pytest.raises(ValueError, match="chunk_symbols"):
+        reference.lc_encode(x, None, lut, reps, lengths, 96)
+    with pytest.raises(ValueError, match="code_lengths"):
+        reference.lc_encode(x, None, lut, reps, lengths[:1], 64)
+
+
+def test_fingerprint_sees_every_single_change_and_swaps():
+    x = torch.randn(10_000)
+    fp = reference.fingerprint(x)
+    assert fp == reference.fingerprint(x.clone())
+    for i in (0, 1023, 1024, 9999):
+        y = x.clone()
+        y.view(torch.int32)[i] ^= 1
+        assert reference.fingerprint(y) != fp
+    y = x.clone()
+    y[[3, 2000]] = y[[2000, 3]]
+    assert reference.fingerprint(y) != fp
+    assert reference.fingerprint(x.view(100, 100)) == fp  # shape-free: bits and count
+    assert reference.fingerprint(x.double()) != reference.fingerprint(x)
+    assert bits(x).numel() == 10_000
