@@ -23,6 +23,8 @@ import base64
 import collections
 import fnmatch
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +44,33 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 _MAX_DEPTH = 100
+#: Threads that code CPU tensors concurrently; numpy releases the GIL in its loops.
+THREADS_ENV = "LCTRITON_THREADS"
+
+
+def cpu_threads() -> int:
+    """Threads for CPU coding: ``LCTRITON_THREADS``, else the CPU count (at most 8)."""
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}") from None
+        if n < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+        return n
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _balanced_groups(sizes: list[int], groups: int) -> list[list[int]]:
+    """Indices split into ``groups`` lists of similar total size (largest first, greedy)."""
+    bins: list[list[int]] = [[] for _ in range(groups)]
+    load = [0] * groups
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = load.index(min(load))
+        bins[j].append(i)
+        load[j] += sizes[i]
+    return [b for b in bins if b]
 _KEY_TYPES = (str, int, float, bool, type(None), tuple)
 
 
@@ -193,36 +222,61 @@ def encode_state(
     flat = _Flattener()
     tree = flat.node(obj, ())
     base_tensors = flatten_tensors(base) if base is not None else {}
-    records, sections, recon_tensors = [], [], []
     total = sum(t.numel() * t.element_size() for _, t in flat.tensors)
     done = 0
-    for (name, tensor), kind in zip(flat.tensors, flat.kinds):
+
+    def encode_one(i: int) -> codecs.EncodedTensor:
+        name, tensor = flat.tensors[i]
         if _is_exact(name, tensor, options):
             encoded = codecs.encode_raw(tensor)
-            recon = tensor.detach().clone() if reconstruct else None
-        else:
-            b = base_tensors.get(name)
-            if b is not None and (b.shape != tensor.shape or b.dtype != tensor.dtype):
-                logger.info("base tensor %r differs in shape or dtype; storing a key for it", name)
-                b = None
-            if b is None and options.lossless_key:
-                encoded = codecs.encode_raw(tensor)
-                recon = tensor.detach().clone() if reconstruct else None
-            else:
-                encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols)
-                recon = encoded.reconstruction.to(tensor.device) if reconstruct else None
+            encoded.reconstruction = tensor.detach().clone() if reconstruct else None
+            return encoded
+        b = base_tensors.get(name)
+        if b is not None and (b.shape != tensor.shape or b.dtype != tensor.dtype):
+            logger.info("base tensor %r differs in shape or dtype; storing a key for it", name)
+            b = None
+        if b is None and options.lossless_key:
+            encoded = codecs.encode_raw(tensor)
+            encoded.reconstruction = tensor.detach().clone() if reconstruct else None
+            return encoded
+        encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols)
+        encoded.reconstruction = encoded.reconstruction.to(tensor.device) if reconstruct else None
+        return encoded
+
+    order = sorted(range(len(flat.tensors)), key=lambda i: -flat.tensors[i][1].numel())
+    on_cpu = all(t.device.type == "cpu" for _, t in flat.tensors)
+    threads = cpu_threads() if on_cpu else 1
+    results: list[codecs.EncodedTensor | None] = [None] * len(flat.tensors)
+    with ThreadPoolExecutor(threads) if threads > 1 else _Inline() as pool:
+        for i, encoded in zip(order, pool.map(encode_one, order)):
+            results[i] = encoded
+            done += flat.tensors[i][1].numel() * flat.tensors[i][1].element_size()
+            if progress is not None:
+                progress(done, total)
+    records, sections, recon_tensors = [], [], []
+    for (name, _), kind, encoded in zip(flat.tensors, flat.kinds, results):
         encoded.record["name"] = name
         encoded.record["kind"] = kind
         encoded.record["section"] = len(sections)
         records.append(encoded.record)
         sections.append(encoded.parts)
-        recon_tensors.append(recon)
-        done += tensor.numel() * tensor.element_size()
-        if progress is not None:
-            progress(done, total)
+        recon_tensors.append(encoded.reconstruction)
     index = {"format": "lctriton", "tree": tree, "tensors": records}
     reconstruction = _rebuild(tree, [_as_kind(t, k) for t, k in zip(recon_tensors, flat.kinds)]) if reconstruct else None
     return EncodedState(index, sections, reconstruction, total)
+
+
+class _Inline:
+    """A stand-in for a thread pool that runs everything in the calling thread."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn, items):
+        return map(fn, items)
 
 
 def _as_kind(t: torch.Tensor | None, kind: str) -> Any:
@@ -456,21 +510,30 @@ def decode_state(
             item = entry[1]
             dev = item.base.device.type if item.base is not None else "cpu"
             groups.setdefault((records[entry[0]]["chunk"], dev), []).append(entry)
+        work = []
         for (chunk, dev), entries in groups.items():
+            parts = _balanced_groups([e[1].numel for e in entries], cpu_threads() if dev == "cpu" else 1)
+            work.extend((chunk, dev, [entries[j] for j in part]) for part in parts)
+
+        def decode_group(job):
+            chunk, dev, entries = job
             try:
-                outs = backend.lc_decode([e[1] for e in entries], chunk, torch.device(dev))
+                return backend.lc_decode([e[1] for e in entries], chunk, torch.device(dev))
             except ValueError as exc:
                 names = ", ".join(repr(records[e[0]]["name"]) for e in entries[:3])
                 raise FormatError(f"corrupt stream among tensors {names}: {exc}") from None
-            for (i, item, exc_index, exc_values), out in zip(entries, outs):
-                dtype, shape, numel = shapes[i]
-                if exc_index.size:
-                    values = torch.frombuffer(bytearray(exc_values.tobytes()), dtype=dtype)
-                    out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
-                tensors[i] = out.reshape(shape)
-                done += numel * out.element_size()
-                if progress is not None:
-                    progress(done, total)
+
+        with ThreadPoolExecutor(len(work)) if len(work) > 1 else _Inline() as pool:
+            for (chunk, dev, entries), outs in zip(work, pool.map(decode_group, work)):
+                for (i, item, exc_index, exc_values), out in zip(entries, outs):
+                    dtype, shape, numel = shapes[i]
+                    if exc_index.size:
+                        values = torch.frombuffer(bytearray(exc_values.tobytes()), dtype=dtype)
+                        out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
+                    tensors[i] = out.reshape(shape)
+                    done += numel * out.element_size()
+                    if progress is not None:
+                        progress(done, total)
     for i, rec in enumerate(records):
         t = tensors[i]
         if rec["kind"] == "ndarray":
