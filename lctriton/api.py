@@ -255,10 +255,7 @@ def load(
     try:
         return pipeline.decode_state(container, base, device, progress)
     finally:
-        try:
-            container.close()
-        except BufferError:  # a view is still referenced; the map closes when it is freed
-            pass
+        container.close()
 
 
 def inspect(path: str | os.PathLike[str] | bytes | Compressed) -> dict[str, Any]:
@@ -276,12 +273,21 @@ def inspect(path: str | os.PathLike[str] | bytes | Compressed) -> dict[str, Any]
     Raises:
         FormatError: If the container is invalid.
     """
+    opened = None
     if isinstance(path, Compressed):
         container = path.container
     elif isinstance(path, (bytes, bytearray, memoryview)):
         container = fmt.read_container(path)
     else:
-        container = fmt.open_container(path)
+        container = opened = fmt.open_container(path)
+    try:
+        return _describe(container)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _describe(container: fmt.Container) -> dict[str, Any]:
     index = container.index
     shapes = pipeline.validate_index(index)
     tensors = []

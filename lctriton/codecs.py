@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,8 @@ __all__ = [
     "validate_record",
     "payload_layout",
 ]
+
+_FINGERPRINT = re.compile("[0-9a-f]{16}")
 
 RAW = "raw/1"
 LC = "lc/1"
@@ -112,7 +115,10 @@ def plan_buckets(histogram: np.ndarray, bits: int) -> BucketPlan:
     dropped = order[(1 << bits) - 1 :]
     key_to_symbol = np.zeros(reference.NUM_KEYS, dtype=np.uint8)
     key_to_symbol[kept] = np.arange(1, kept.size + 1, dtype=np.uint8)
+    # Symbol 0 decodes to -0.0: base + (-0.0) is the base itself, bit for bit (signed zeros
+    # included), so unchanged and dropped elements restore exactly to their base.
     reps = np.zeros(kept.size + 1, dtype=np.float32)
+    reps[0] = -0.0
     for s, key in enumerate(kept.tolist(), start=1):
         reps[s] = np.float32(_bucket_mean(key, fine[key]))
     symbol_counts = np.zeros(kept.size + 1, dtype=np.int64)
@@ -125,6 +131,8 @@ def plan_buckets(histogram: np.ndarray, bits: int) -> BucketPlan:
         bound = math.ldexp(1.0, int(exponent[kept].max()) - 127)
     if dropped.size:
         bound = max(bound, math.ldexp(1.0, max(int(exponent[dropped].max()), 1) - 126))
+    if counts[exponent == 0].sum():  # subnormal deltas (below 2**-126) decode to zero
+        bound = max(bound, math.ldexp(1.0, -126))
     return BucketPlan(np.repeat(key_to_symbol, reference.FINE_PER_KEY), reps, symbol_counts, bound)
 
 
@@ -200,7 +208,7 @@ def encode_lc(
     exc_index = torch.zeros(0, dtype=torch.int64)
     exc_values = torch.zeros(0, dtype=x.dtype)
     if nonfinite_keys or nonfinite:
-        exc_index, exc_values = reference.lc_exceptions(x, recon)
+        exc_index, exc_values = reference.lc_exceptions(x, b, recon)
         recon[exc_index] = exc_values
     record = {
         "codec": LC,
@@ -270,8 +278,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
             raise _fail(name, f"codec {LC} cannot hold dtype {dtype_name}")
         bits = _int(record, "bits", name, 1, 8)
         chunk = _int(record, "chunk", name, 64, 1 << 16)
-        if chunk % 64:
-            raise _fail(name, f"chunk {chunk} is not a multiple of 64")
+        if chunk & (chunk - 1):
+            raise _fail(name, f"chunk {chunk} is not a power of two")
         reps, lengths = record.get("reps"), record.get("lengths")
         if not isinstance(reps, list) or not 1 <= len(reps) <= 1 << bits:
             raise _fail(name, f"'reps' must list 1 to {1 << bits} values")
@@ -286,6 +294,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
         except ValueError as exc:
             raise _fail(name, str(exc)) from None
         fill = record.get("fill")
+        if any(lengths) and numel == 0:
+            raise _fail(name, "an empty tensor cannot have a code")
         if any(lengths):
             if fill is not None:
                 raise _fail(name, "a coded tensor cannot also be a fill")
@@ -297,13 +307,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
         if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound >= 0:
             raise _fail(name, f"'bound' must be a non-negative number, got {bound!r}")
         base = record.get("base")
-        if base is not None and (not isinstance(base, str) or len(base) != 16):
-            raise _fail(name, f"'base' must be a 16-digit hex fingerprint or null, got {base!r}")
-        if base is not None:
-            try:
-                int(base, 16)
-            except ValueError:
-                raise _fail(name, f"'base' is not hexadecimal: {base!r}") from None
+        if base is not None and (not isinstance(base, str) or not _FINGERPRINT.fullmatch(base)):
+            raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")
     return DTYPES[dtype_name], tuple(shape), numel
 
 

@@ -56,9 +56,9 @@ class CodecOptions:
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative int, got {self.min_numel!r}")
         c = self.chunk_symbols
-        if isinstance(c, bool) or not isinstance(c, int) or c < 64 or c > 1 << 16 or c % 64:
+        if isinstance(c, bool) or not isinstance(c, int) or not 64 <= c <= 1 << 16 or c & (c - 1):
             raise ValueError(
-                f"chunk_symbols must be a multiple of 64 from 64 to 65536, got {self.chunk_symbols!r}"
+                f"chunk_symbols must be a power of two from 64 to 65536, got {self.chunk_symbols!r}"
             )
 
     @property

@@ -159,7 +159,10 @@ class Container:
         """Release the memory map, if any. Tensors already decoded stay valid."""
         self._buffer.release()
         if self._keepalive is not None:
-            self._keepalive.close()
+            try:
+                self._keepalive.close()
+            except BufferError:  # a section view is still referenced; closed when freed
+                pass
             self._keepalive = None
 
 
@@ -178,21 +181,23 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
         raise FormatError("not an lctriton container: the magic bytes at offset 0 are wrong")
     if size < HEADER_SIZE + FOOTER_SIZE:
         raise TruncatedError(f"container is truncated: {size} bytes, the minimum is {HEADER_SIZE + FOOTER_SIZE}")
-    _, major, minor, flags, _ = _HEADER.unpack(view[:HEADER_SIZE])
+    _, major, minor, flags, reserved = _HEADER.unpack(view[:HEADER_SIZE])
     if major != MAJOR_VERSION:
         raise VersionError(
             f"container format version {major}.{minor} is not supported (this reader reads {MAJOR_VERSION}.x)"
         )
     if flags != 0:
         raise FormatError(f"unknown header flags 0x{flags:08x}")
+    if reserved != bytes(len(reserved)):
+        raise FormatError("the header's reserved bytes are not zero")
     index_offset, index_length, index_crc, footer_crc, end_magic = _FOOTER.unpack(view[size - FOOTER_SIZE :])
     if end_magic != END_MAGIC:
         raise TruncatedError("container is truncated or has trailing bytes: its footer is missing")
     if _crc(view[size - FOOTER_SIZE : size - FOOTER_SIZE + 20]) != footer_crc:
         raise ChecksumError("the container's footer fails its CRC-32 check")
-    if not HEADER_SIZE <= index_offset <= size - FOOTER_SIZE or index_length > size - FOOTER_SIZE - index_offset:
+    if not HEADER_SIZE <= index_offset <= size - FOOTER_SIZE or index_length != size - FOOTER_SIZE - index_offset:
         raise FormatError(
-            f"index at {index_offset} (+{index_length} bytes) lies outside the container ({size} bytes)"
+            f"index at {index_offset} (+{index_length} bytes) does not end where the footer of the {size}-byte container starts"
         )
     if index_length > MAX_INDEX_BYTES:
         raise FormatError(f"index of {index_length} bytes exceeds the limit of {MAX_INDEX_BYTES}")
@@ -200,7 +205,8 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
     if _crc(blob) != index_crc:
         raise ChecksumError("the container's index fails its CRC-32 check")
     try:
-        index = json.loads(bytes(blob).decode("utf-8"))
+        index = json.loads(bytes(blob).decode("utf-8"), parse_constant=_reject_constant,
+                           object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"the container's index is not valid JSON: {exc}") from None
     if not isinstance(index, dict):
@@ -225,6 +231,17 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
     return Container(view, index, size, keepalive)
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in the index (strict JSON only)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
+
+
 def open_container(path: str | os.PathLike[str]) -> Container:
     """Memory-map a container file and parse it (see :func:`read_container`).
 
@@ -240,5 +257,8 @@ def open_container(path: str | os.PathLike[str]) -> Container:
     try:
         return read_container(mapped, keepalive=mapped)
     except BaseException:
-        mapped.close()
+        try:
+            mapped.close()
+        except BufferError:  # views held by the traceback; the map closes when they go
+            pass
         raise

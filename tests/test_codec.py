@@ -314,3 +314,50 @@ def test_fingerprint_sees_every_single_change_and_swaps():
     assert reference.fingerprint(x.view(100, 100)) == fp  # shape-free: bits and count
     assert reference.fingerprint(x.double()) != reference.fingerprint(x)
     assert bits(x).numel() == 10_000
+
+
+@pytest.mark.parametrize(
+    "dtype, x, b",
+    [(torch.float32, 3e38, -3e38), (torch.float64, 1e300, 0.0)],
+)
+def test_overflowing_delta_is_stored_exactly(dtype, x, b):
+    xs = torch.full((2000,), 1.0, dtype=dtype)
+    bs = torch.full((2000,), 0.5, dtype=dtype)
+    xs[17], bs[17] = x, b
+    c, restored = _roundtrip(xs, bs)
+    assert restored[17] == xs[17]
+    assert c.index["tensors"][0]["exceptions"] == 1
+
+
+def test_unchanged_signed_zeros_restore_bit_exactly():
+    x = torch.randn(5000)
+    x[::7] = -0.0
+    c, restored = _roundtrip(x, x.clone())
+    assert_bit_exact(restored, x)
+
+
+def test_subnormal_deltas_are_covered_by_the_bound():
+    x = torch.full((4096,), 1e-40)
+    c, restored = _roundtrip(x, torch.zeros(4096))
+    assert float((restored - x).abs().max()) <= c.index["tensors"][0]["bound"]
+
+
+def test_unstorable_tuple_keys_are_rejected_when_writing():
+    with pytest.raises(TypeError, match="dict key"):
+        lctriton.compress({(b"x", 1): 1})
+    restored = lctriton.decompress(lctriton.compress({(1, ("a", None)): 2}).to_bytes())
+    assert restored == {(1, ("a", None)): 2}
+
+
+def test_sharing_is_per_kind_and_never_for_empty_tensors():
+    arr = np.arange(2000, dtype=np.float32)
+    state = {"t": torch.from_numpy(arr), "a": arr, "e1": torch.zeros(0), "e2": torch.zeros(0)}
+    restored = lctriton.decompress(lctriton.compress(state).to_bytes())
+    assert isinstance(restored["a"], np.ndarray) and isinstance(restored["t"], torch.Tensor)
+    assert restored["e1"] is not restored["e2"]
+
+
+def test_fingerprint_of_complex_tensors():
+    z = torch.randn(3000, dtype=torch.complex128)
+    assert reference.fingerprint(z) == reference.fingerprint(z.clone())
+    assert reference.fingerprint(z) != reference.fingerprint(z * 2)

@@ -1,0 +1,7 @@
+"""python -m lctriton: the command line."""
+
+import sys
+
+from lctriton.cli import main
+
+sys.exit(main())

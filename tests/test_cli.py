@@ -1,0 +1,86 @@
+"""The lctriton command line: compress, decompress, inspect and demo, end to end."""
+
+import json
+
+import pytest
+import torch
+
+import lctriton
+from lctriton import cli
+
+
+def _model_states(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    second = model.state_dict()
+    torch.save(first, tmp_path / "a.pt")
+    torch.save(second, tmp_path / "b.pt")
+    return first, second
+
+
+def test_compress_chain_decompress_inspect(tmp_path, capsys):
+    first, second = _model_states(tmp_path)
+    assert cli.main([ "compress", str(tmp_path / "a.pt"), str(tmp_path / "a.lct")]) == 0
+    assert cli.main(["compress", str(tmp_path / "b.pt"), str(tmp_path / "b.lct"), "--base", str(tmp_path / "a.lct")]) == 0
+    out = capsys.readouterr().out
+    assert "key" in out and "delta" in out
+    assert cli.main(["decompress", str(tmp_path / "b.lct"), str(tmp_path / "b2.pt"),
+                     "--base", str(tmp_path / "a.lct")]) == 0
+    restored = torch.load(tmp_path / "b2.pt", weights_only=True)
+    bounds = {t["name"]: t["error_bound"] for t in lctriton.inspect(tmp_path / "b.lct")["tensors"]}
+    for k, v in second.items():
+        assert (restored[k] - v).abs().max() <= bounds[k] * 1.001
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "b.lct")]) == 0
+    table = capsys.readouterr().out
+    assert "0.weight" in table and "lc/1" in table and "delta checkpoint" in table
+    assert cli.main(["inspect", "--json", str(tmp_path / "b.lct")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["delta"] and {t["name"] for t in info["tensors"]} == set(second)
+
+
+def test_lossless_and_bits_flags(tmp_path):
+    _, second = _model_states(tmp_path)
+    assert cli.main(["compress", str(tmp_path / "b.pt"), str(tmp_path / "b.lct"), "--base", str(tmp_path / "a.pt"),
+                     "--lossless"]) == 0
+    restored = lctriton.load(tmp_path / "b.lct", base=torch.load(tmp_path / "a.pt", weights_only=True))
+    assert all(torch.equal(restored[k], v) for k, v in second.items())
+    assert cli.main(["compress", str(tmp_path / "b.pt"), str(tmp_path / "c.lct"), "--base", str(tmp_path / "a.pt"),
+                     "--bits", "5", "--exact", "2.*"]) == 0
+    info = lctriton.inspect(tmp_path / "c.lct")
+    assert {t["name"]: t["codec"] for t in info["tensors"]}["2.weight"] == "raw/1"
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    _model_states(tmp_path)
+    (tmp_path / "junk.lct").write_bytes(b"not a checkpoint at all" * 10)
+    assert cli.main(["inspect", str(tmp_path / "junk.lct")]) == 1
+    assert "not an lctriton container" in capsys.readouterr().err
+    assert cli.main(["compress", str(tmp_path / "a.pt"), str(tmp_path / "x.lct"), "--bits", "12"]) == 1
+    assert "bits" in capsys.readouterr().err
+    lctriton_main = cli.main
+    assert lctriton_main(["compress", str(tmp_path / "b.pt"), str(tmp_path / "b.lct"), "--base", str(tmp_path / "a.pt")]) == 0
+    assert cli.main(["decompress", str(tmp_path / "b.lct"), str(tmp_path / "o.pt")]) == 1
+    assert "base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compress", str(tmp_path / "missing.pt"), str(tmp_path / "y.lct")])
+
+
+def test_help_is_there(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("compress", "decompress", "inspect", "demo", "--base"):
+        assert word in text
+
+
+def test_demo_runs_and_restores_every_checkpoint(tmp_path, capsys):
+    assert cli.main(["demo", "--checkpoints", "3", "--interval", "10", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "restored" in out and out.count(" delta ") == 2
+    assert len(list(tmp_path.glob("*.lct"))) == 3
