@@ -153,21 +153,18 @@ def _torch_save(state) -> bytes:
     return peers.torch_save_bytes(state)
 
 
-@pytest.mark.benchmark(group="compress")
-def test_compress_torch_save(benchmark, run):
-    name, work, states = run
-    raw = _raw_nbytes(states[0])
-    data = benchmark.pedantic(_torch_save, args=(states[-1],), rounds=5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(workload=name, ratio_mean=raw / len(data), max_abs_error=0.0)
-    _mbps(benchmark, raw)
+_LOSSLESS = {
+    "torch_save": _torch_save,
+    "torch_save_zstd3": lambda s: peers.zstd_compress(_torch_save(s)),
+}
 
 
 @pytest.mark.benchmark(group="compress")
-def test_compress_torch_save_zstd(benchmark, run):
+@pytest.mark.parametrize("method", list(_LOSSLESS))
+def test_compress_lossless_baseline(benchmark, run, method):
     name, work, states = run
     raw = _raw_nbytes(states[0])
-    data = benchmark.pedantic(lambda s: peers.zstd_compress(_torch_save(s)), args=(states[-1],),
-                              rounds=5, iterations=1, warmup_rounds=1)
+    data = benchmark.pedantic(_LOSSLESS[method], args=(states[-1],), rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(workload=name, ratio_mean=raw / len(data), max_abs_error=0.0)
     _mbps(benchmark, raw)
 

@@ -22,15 +22,18 @@ The lossy codec "lc/1" (closed-loop LC-Checkpoint) for a floating tensor ``x`` a
 4. Reconstruction. ``r = round_to_dtype(b + rep[symbol])`` with the addition in float32
    (float64 for float64 tensors). The encoder returns ``r``: it is the base of the next
    delta, so quantization error does not accumulate along a chain.
-5. Exceptions. Elements whose value or reconstruction is not finite and whose bits differ
-   are stored exactly: their indices (int64) and raw bits.
-6. Entropy coding. Symbols are coded with the canonical Huffman code of ``lctriton.huffman``
-   (lengths at most 12 bits), most significant bit first, into one contiguous bit stream of
-   little-endian 64-bit words, bits taken from the most significant end of each word. The
-   stream is cut into chunks of ``chunk_symbols`` symbols (the last one shorter); chunk ``k``
-   starts at the bit offset equal to the sum of the bit lengths of chunks ``0 .. k-1``,
-   recorded as one uint32 per chunk, so chunks decode independently. A tensor whose symbols
-   are all equal ("fill") has no stream.
+5. Exceptions. Elements whose value, float32 delta or reconstruction is not finite, and whose
+   reconstruction differs from the value in bits, are stored exactly: their indices (int64,
+   strictly increasing) and raw bits. Symbol 0's representative is -0.0, so a dropped or
+   unchanged element restores to its base bit for bit (signed zeros included).
+6. Entropy coding. Symbols are cut into chunks of ``chunk_symbols`` symbols (the last one
+   shorter). Each chunk's symbols are coded with the canonical Huffman code of
+   ``lctriton.huffman`` (lengths at most 12 bits), most significant bit first, into its own
+   run of little-endian 64-bit words, bits taken from the most significant end of each word
+   and the last word zero-padded. Chunk ``k``'s bit length is recorded as one uint32; its
+   words start at word ``sum(ceil(bits_j / 64) for j < k)`` of the stream. Word-aligned
+   chunks decode independently, and on the GPU each chunk's words belong to one program.
+   A tensor whose symbols are all equal ("fill") has no stream.
 
 The fingerprint of a tensor (:func:`fingerprint`) is a 64-bit integer hash of its bits,
 computed with integer sums only (bit-exact on every backend); delta records store the
@@ -61,6 +64,7 @@ __all__ = [
     "LcStream",
     "BLOCK",
     "check_chunk_symbols",
+    "chunk_word_offsets",
 ]
 
 #: Number of (sign, exponent-field) keys of a float32 delta.
@@ -103,7 +107,7 @@ def _weighted_sum(values: np.ndarray) -> int:
 
 
 def fingerprint(tensor: torch.Tensor) -> int:
-    """64-bit hash of a tensor's dtype, shape and bits.
+    """64-bit hash of a tensor's dtype, element count and bits (not its shape).
 
     The elements are read as signed integers of their own width (16-byte complex elements
     as two int64 each). With ``R = 1024`` and those words laid out as rows of ``R`` (the
@@ -264,8 +268,8 @@ def lc_reconstruct(
 
     Args:
         symbols: uint8 symbols, flat (numpy).
-        representatives: float32 value of each symbol (symbol 0 is 0.0).
-        base: Base of the tensor's dtype, or None for zeros.
+        representatives: float32 value of each symbol (symbol 0 is -0.0).
+        base: Base of the tensor's dtype, or None for zeros (+0.0).
         dtype: The tensor's dtype.
     """
     out = torch.empty(symbols.size, dtype=dtype)
@@ -380,11 +384,9 @@ def _any_nonfinite(values: np.ndarray, dtype: torch.dtype) -> bool:
 
 
 class _Packer:
-    """Step 6: packs blocks of symbols into one MSB-first stream of 64-bit words.
+    """Step 6: packs blocks of symbols into word-aligned chunks of MSB-first 64-bit words.
 
-    Each block is packed from bit 0 of a fresh word array; :meth:`finish` shifts every
-    block's words into place behind the previous block's last bit. Only compressed words
-    are shifted, so stitching costs a pass over the output, not the input.
+    Blocks end on chunk boundaries, so each block's words simply follow the previous ones.
     """
 
     def __init__(self, lengths: np.ndarray, chunk_symbols: int) -> None:
@@ -417,32 +419,30 @@ class _Packer:
                     length += int(self.lengths[s])
                 glen[first_pad_group] = length
                 gcode[first_pad_group] = code
-        self.chunk_bits.append(glen.reshape(nchunks, self.chunk // self.group).sum(axis=1))
-        self.blocks.append(_pack_groups(gcode, glen))
+        per_chunk = self.chunk // self.group
+        bits = glen.reshape(nchunks, per_chunk).sum(axis=1)
+        chunk_words = (bits + _WORD_BITS - 1) // _WORD_BITS
+        # Bit position of each group: its chunk's first word, plus the bits before it in
+        # the chunk.
+        ends = np.cumsum(glen)
+        chunk_first_bit = np.concatenate(([0], np.cumsum(chunk_words)[:-1])) * _WORD_BITS
+        before_chunk = np.concatenate(([0], ends[per_chunk - 1 :: per_chunk][:-1]))
+        starts = ends - glen + np.repeat(chunk_first_bit - before_chunk, per_chunk)
+        self.chunk_bits.append(bits)
+        self.blocks.append(_pack_groups(gcode, glen, starts, int(chunk_words.sum())))
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        chunk_bits = np.concatenate(self.chunk_bits)
-        total = int(chunk_bits.sum())
-        nwords = -(-total // _WORD_BITS)
-        words = np.zeros(nwords + 1, dtype=np.uint64)
-        bit = 0
-        for block, nbits in self.blocks:
-            w, shift = divmod(bit, _WORD_BITS)
-            count = block.size
-            if shift == 0:
-                words[w : w + count] |= block
-            else:
-                words[w : w + count] |= block >> np.uint64(shift)
-                words[w + 1 : w + 1 + count] |= block << np.uint64(_WORD_BITS - shift)
-            bit += nbits
-        return words[:nwords], chunk_bits.astype(np.int64)
+        return np.concatenate(self.blocks), np.concatenate(self.chunk_bits).astype(np.int64)
 
 
-def _pack_groups(gcode: np.ndarray, glen: np.ndarray) -> tuple[np.ndarray, int]:
-    """Pack group codes MSB-first from bit 0 of a new word array; returns words and bits."""
-    ends = np.cumsum(glen)
-    total_bits = int(ends[-1]) if ends.size else 0
-    starts = ends - glen
+def chunk_word_offsets(chunk_bits: np.ndarray) -> np.ndarray:
+    """First stream word of each chunk: the words of all chunks before it."""
+    words = (np.asarray(chunk_bits, dtype=np.int64) + _WORD_BITS - 1) // _WORD_BITS
+    return np.concatenate(([0], np.cumsum(words)[:-1])).astype(np.int64)
+
+
+def _pack_groups(gcode: np.ndarray, glen: np.ndarray, starts: np.ndarray, nwords: int) -> np.ndarray:
+    """OR group codes, MSB first, into ``nwords`` words at the given bit positions."""
     word = starts >> 6
     end_in_word = ((starts & 63) + glen).astype(np.uint64)
     straddle = end_in_word > np.uint64(64)
@@ -452,14 +452,13 @@ def _pack_groups(gcode: np.ndarray, glen: np.ndarray) -> tuple[np.ndarray, int]:
     high = (gcode << shift_left) >> shift_right
     # Groups never overlap in bits, so OR-ing all groups that start in a word builds it;
     # starts are sorted, so the groups of one word are a contiguous run.
-    nwords = -(-total_bits // _WORD_BITS)
     words = np.zeros(nwords + 1, dtype=np.uint64)
     run_starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))
     words[word[run_starts]] = np.bitwise_or.reduceat(high, run_starts)
     # The spilled low bits of a straddling group open the next word (at most one per word).
     spill = np.flatnonzero(straddle)
     words[word[spill] + 1] |= gcode[spill] << (np.uint64(128) - end_in_word[spill])
-    return words[:nwords], total_bits
+    return words[:nwords]
 
 
 def _group_table(lengths: np.ndarray, group: int, sym_bits: int) -> np.ndarray:
@@ -581,7 +580,7 @@ def _decode_symbols(items: list[LcStream], chunk_symbols: int) -> list[np.ndarra
     for t, i in enumerate(coded):
         it = items[i]
         bits = it.chunk_bits.numpy().astype(np.int64)
-        starts = np.concatenate(([0], np.cumsum(bits)[:-1])) + word_offset * _WORD_BITS
+        starts = (chunk_word_offsets(bits) + word_offset) * _WORD_BITS
         nchunks = bits.size
         counts = np.full(nchunks, chunk_symbols, dtype=np.int64)
         counts[-1] = it.numel - (nchunks - 1) * chunk_symbols

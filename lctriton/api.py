@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -213,7 +213,10 @@ def save(
     compressed = compress(obj, base, progress=progress, **options)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lct-", suffix=".tmp", dir=directory)
+    # A fresh name with O_EXCL, created with mode 0o666 so that the umask applies as for
+    # any new file (mkstemp would force 0o600).
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             compressed.write(f)

@@ -79,7 +79,7 @@ class BucketPlan:
     """The host-side tables of one lossy tensor, built from its pass-1 histogram."""
 
     key_to_symbol: np.ndarray  # uint8[NUM_FINE_KEYS]
-    representatives: np.ndarray  # float32[nsym], symbol 0 is 0.0
+    representatives: np.ndarray  # float32[nsym], symbol 0 is -0.0
     symbol_counts: np.ndarray  # int64[nsym]
     error_bound: float  # max |d - q(d)| over the delta, before rounding to the dtype
 
@@ -261,7 +261,7 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
     if codec not in (RAW, LC):
         raise UnknownCodecError(f"tensor {name!r}: unknown codec {codec!r} (this reader knows {RAW}, {LC})")
     dtype_name = record.get("dtype")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise _fail(name, f"unknown dtype {dtype_name!r}")
     shape = record.get("shape")
     if not isinstance(shape, list) or len(shape) > 64:
@@ -293,6 +293,9 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
             huffman.validate_lengths(np.array(lengths, dtype=np.int64))
         except ValueError as exc:
             raise _fail(name, str(exc)) from None
+        for field in ("fill", "base"):
+            if field not in record:
+                raise _fail(name, f"field {field!r} is missing")
         fill = record.get("fill")
         if any(lengths) and numel == 0:
             raise _fail(name, "an empty tensor cannot have a code")
@@ -304,8 +307,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
         _int(record, "words", name)
         _int(record, "exceptions", name, 0, numel)
         bound = record.get("bound")
-        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound >= 0:
-            raise _fail(name, f"'bound' must be a non-negative number, got {bound!r}")
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf:
+            raise _fail(name, f"'bound' must be a finite non-negative number, got {bound!r}")
         base = record.get("base")
         if base is not None and (not isinstance(base, str) or not _FINGERPRINT.fullmatch(base)):
             raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")

@@ -108,7 +108,8 @@ def write_container(
         out.write(zeros[:pad])
         offset += pad
     index = dict(index, sections=table)
-    blob = json.dumps(index, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    # ASCII with escapes: any Python str (lone surrogates included) survives the round trip.
+    blob = json.dumps(index, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     out.write(blob)
     index_offset = offset
     offset += len(blob)
@@ -223,7 +224,11 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
         ):
             raise FormatError(f"section {i}: entry {entry!r} is not [offset, length, crc32]")
         offset, length, crc = entry
-        if offset < end or offset % ALIGN or offset + length > index_offset or crc > 0xFFFFFFFF:
+        if crc > 0xFFFFFFFF:
+            raise FormatError(f"section {i}: checksum {crc} does not fit in 32 bits")
+        if offset % ALIGN:
+            raise FormatError(f"section {i}: offset {offset} is not a multiple of {ALIGN}")
+        if offset < end or offset + length > index_offset:
             raise FormatError(
                 f"section {i}: bytes {offset}..{offset + length} overlap another part of the container"
             )

@@ -176,8 +176,8 @@ class _Flattener:
 
 def _valid_key(key: Any) -> bool:
     """Dict keys a file can hold: None, bool, int, float, str, and tuples of these."""
-    if isinstance(key, tuple):
-        return all(_valid_key(k) for k in key)
+    if isinstance(key, tuple):  # plain tuples only: a torch.Size key would become a "size" node
+        return type(key) is tuple and all(_valid_key(k) for k in key)
     return isinstance(key, (str, int, float, bool, type(None)))
 
 
@@ -342,7 +342,7 @@ def _validate_tree(node: Any, ntensors: int, kinds: list[str], depth: int = 0, k
     if t == "float":
         try:
             float.fromhex(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise FormatError(f"state tree float {v!r} is not a hexadecimal float") from None
         return
     if key:
@@ -357,11 +357,13 @@ def _validate_tree(node: Any, ntensors: int, kinds: list[str], depth: int = 0, k
         except (TypeError, ValueError):
             raise FormatError("state tree bytes node is not base64") from None
     elif t == "dtype":
-        if v not in codecs.DTYPES:
+        if not isinstance(v, str) or v not in codecs.DTYPES:
             raise FormatError(f"state tree dtype {v!r} is unknown")
     elif t == "size":
-        if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
-            raise FormatError("state tree size node is not a list of non-negative ints")
+        if not isinstance(v, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in v
+        ):
+            raise FormatError("state tree size node is not a list of int64 dimensions")
     elif t in ("tensor", "ndarray"):
         i = node.get("i")
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < ntensors:
@@ -411,7 +413,11 @@ def validate_index(index: dict) -> list[tuple[torch.dtype, tuple[int, ...], int]
         used.add(section)
         if rec.get("kind") not in ("tensor", "ndarray"):
             raise FormatError(f"tensor {name!r} has unknown kind {rec.get('kind')!r}")
+        if rec["kind"] == "ndarray" and rec["dtype"] == "bfloat16":
+            raise FormatError(f"tensor {name!r}: numpy has no bfloat16, so it cannot be an ndarray")
         kinds.append(rec["kind"])
+    if len(used) != nsections:
+        raise FormatError(f"{nsections - len(used)} section(s) belong to no tensor")
     _validate_tree(index.get("tree"), len(records), kinds)
     return shapes
 
@@ -464,6 +470,8 @@ def decode_state(
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if rec["codec"] == codecs.RAW:
             data = bytearray(view[: numel * itemsize])
+            if dtype == torch.bool and data.translate(None, b"\x00\x01"):
+                raise FormatError(f"tensor {name!r}: a bool tensor holds bytes other than 0 and 1")
             t = torch.frombuffer(data, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
             tensors[i] = t.reshape(shape)
             done += numel * itemsize
@@ -493,13 +501,15 @@ def decode_state(
         lengths = np.array(rec["lengths"], dtype=np.uint8)
         if not lengths.any() and (stream.size or chunk_bits.any()):
             raise FormatError(f"tensor {name!r}: a fill must not have a stream")
-        if lengths.any() and -(-int(chunk_bits.sum()) // 64) != stream.size:
+        if lengths.any() and int(((chunk_bits + 63) // 64).sum()) != stream.size:
             raise FormatError(f"tensor {name!r}: stream length does not match its chunk table")
         reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
         exc_index = _part(view, layout, name, "exc_index", np.dtype(np.int64))
         exc_values = _part(view, layout, name, "exc_values", np.dtype(np.uint8))
         if exc_index.size and (exc_index.min() < 0 or exc_index.max() >= numel):
             raise FormatError(f"tensor {name!r}: exception index out of range")
+        if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
+            raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         item = reference.LcStream(
             torch.from_numpy(stream.copy()),
             torch.from_numpy(chunk_bits),

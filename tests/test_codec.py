@@ -361,3 +361,13 @@ def test_fingerprint_of_complex_tensors():
     z = torch.randn(3000, dtype=torch.complex128)
     assert reference.fingerprint(z) == reference.fingerprint(z.clone())
     assert reference.fingerprint(z) != reference.fingerprint(z * 2)
+
+
+def test_keys_the_reader_cannot_hold_are_rejected_when_writing():
+    with pytest.raises(TypeError, match="dict key"):
+        lctriton.compress({torch.Size([2, 3]): 1})
+
+
+def test_any_python_string_round_trips():
+    state = {"\ud800 lone surrogate": "caf\u00e9 \U0001f600 \udfff"}
+    assert lctriton.decompress(lctriton.compress(state).to_bytes()) == state

@@ -1,0 +1,144 @@
+"""Write the golden container ``golden_v1.lct`` and its expected decode ``golden_v1.json``.
+
+    python3 tests/data/make_golden.py
+
+The state is built from integer formulas only (no RNG), so it is the same on every machine.
+``tests/test_format.py`` rebuilds it with :func:`golden_state` and checks that compressing
+it with :data:`OPTIONS` reproduces ``golden_v1.lct`` byte for byte, and that decoding the
+stored file restores the values pinned in ``golden_v1.json`` bit for bit.
+
+CHANGING THE BYTES OF golden_v1.lct MEANS BUMPING THE FORMAT VERSION: a reader of format 1.x
+must keep reading every file that was ever written as 1.x. Regenerate only when the change
+is intended, and then write golden_v2.lct alongside (keeping v1 and its test).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+GOLDEN_LCT = HERE / "golden_v1.lct"
+GOLDEN_JSON = HERE / "golden_v1.json"
+
+#: Fixed codec options of the golden file (every option spelled out, defaults included).
+OPTIONS = dict(bits=3, chunk_symbols=256, min_numel=1024, lossless=False, lossless_key=True, exact=())
+
+#: Dotted names of the tensors the golden file codes lossily (``lc/1``).
+LOSSY = ("model.fc.weight", "model.emb.weight", "model.fill")
+
+
+def _f32_bits(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def golden_state() -> tuple[dict, dict]:
+    """The golden state and its base, from integer formulas only.
+
+    Returns:
+        ``(state, base)``: the base holds the same-named tensors the lossy ones are deltas of.
+    """
+    i = torch.arange(1024, dtype=torch.int64)
+    # float32 [32, 32]: base in sixteenths, delta spread over several exponents.
+    base_w = (((i * 37) % 33) - 16).to(torch.float32) / 16
+    delta_w = (((i * 11) % 13) - 6).to(torch.float32) / 64 + ((i % 7) - 3).to(torch.float32) / 1024
+    w = base_w + delta_w
+    w[5] = float("inf")  # non-finite values are stored exactly: exceptions
+    w[700] = _f32_bits([0x7FC00123])[0]  # a NaN with a payload
+    w[1000] = float("-inf")
+    # bfloat16 [16, 64]: a delta against a bf16 base.
+    base_e = ((((i * 5) % 29) - 14).to(torch.float32) / 8).to(torch.bfloat16)
+    e = (base_e.to(torch.float32) + (((i * 3) % 9) - 4).to(torch.float32) / 32).to(torch.bfloat16)
+    # float32 [1024] whose delta is one value everywhere: a fill (no stream).
+    base_f = ((i % 10) - 5).to(torch.float32) / 4
+    fill = base_f + 0.75
+    state = {
+        "model": collections.OrderedDict(
+            [
+                ("fc.weight", w.reshape(32, 32)),
+                ("fc.bias", torch.tensor([0.5, -0.0, 1.0e-3, -2.25, 3.0e38], dtype=torch.float32)),
+                ("emb.weight", e.reshape(16, 64)),
+                ("fill", fill),
+                ("codes", torch.tensor([[0, -1, 2**40], [7, -(2**62), 3]], dtype=torch.int64)),
+            ]
+        ),
+        "table": np.arange(6, dtype=np.int16).reshape(2, 3) - 2,
+        "step": 1234,
+        "meta": {
+            "lr": 1.0e-3,
+            "neg_zero": -0.0,
+            "name": "golden ü",
+            "blob": b"\x00\x01LCT\xff",
+            "flags": [True, False, None],
+            "shape": (2, 3),
+            "size": torch.Size([4, 5]),
+            "dtype": torch.bfloat16,
+            7: "int key",
+            ("a", 1): "tuple key",
+            "nested": [(1, "a", [2.5, {"k": []}]), {}],
+        },
+    }
+    base = {
+        "model": {
+            "fc.weight": base_w.reshape(32, 32),
+            "emb.weight": base_e.reshape(16, 64),
+            "fill": base_f,
+        }
+    }
+    return state, base
+
+
+def tensor_digest(t: torch.Tensor | np.ndarray) -> dict:
+    """dtype, shape and SHA-256 of the little-endian bytes of a tensor or array."""
+    if isinstance(t, np.ndarray):
+        data = np.ascontiguousarray(t).tobytes()
+        return {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return {
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "shape": list(t.shape),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def expected_digests(decoded: dict) -> dict:
+    """The digest of every tensor and array of a decoded golden state, by dotted name."""
+    out = {f"model.{k}": tensor_digest(v) for k, v in decoded["model"].items()}
+    out["table"] = tensor_digest(decoded["table"])
+    return out
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE.parent.parent))
+    import lctriton
+
+    state, base = golden_state()
+    compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **OPTIONS)
+    data = compressed.to_bytes()
+    decoded = lctriton.decompress(data, base=base)
+    for name, digest in expected_digests(reconstruction).items():
+        assert expected_digests(decoded)[name] == digest, name
+    GOLDEN_LCT.write_bytes(data)
+    info = {
+        "comment": "Expected decode of golden_v1.lct (see make_golden.py). Changing golden_v1.lct "
+        "means bumping the format version.",
+        "format_version": "1.0",
+        "nbytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "codecs": {rec["name"]: rec["codec"] for rec in compressed.index["tensors"]},
+        "tensors": expected_digests(decoded),
+    }
+    GOLDEN_JSON.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN_LCT} ({len(data)} bytes) and {GOLDEN_JSON}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
