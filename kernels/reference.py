@@ -10,7 +10,9 @@ The lossy codec "lc/1" (closed-loop LC-Checkpoint) for a floating tensor ``x`` a
 1. Delta. ``d = x - b`` in float32: float16/bfloat16 operands are widened to float32 first;
    float64 operands are subtracted in float64 and the difference rounded to float32.
 2. Keys. Each ``d`` gets the 13-bit fine key ``bits(d) >> 19``: its sign, its 8-bit biased
-   exponent field (together the 9-bit bucket key) and the top 4 bits of its mantissa.
+   exponent field (together the 9-bit bucket key) and the top 4 bits of its mantissa. Every
+   non-finite ``d`` takes the fine key ``0x0FF0`` (that of +inf) instead: NaN signs and
+   payloads come out of arithmetic differently on different processors.
    :func:`lc_histogram` counts the elements of each fine key (integer counts: identical on
    every backend whatever the order of summation).
 3. Buckets (host, from the histogram alone; see ``lctriton.codecs``). Bucket keys are ranked
@@ -19,9 +21,14 @@ The lossy codec "lc/1" (closed-loop LC-Checkpoint) for a floating tensor ``x`` a
    symbols 1, 2, ...; every other element gets symbol 0, which decodes to zero. Each
    symbol's representative is the mean of its bucket with every element taken at the middle
    of its fine key's interval, computed in float64 from the counts and rounded to float32.
-4. Reconstruction. ``r = round_to_dtype(b + rep[symbol])`` with the addition in float32
-   (float64 for float64 tensors). The encoder returns ``r``: it is the base of the next
-   delta, so quantization error does not accumulate along a chain.
+4. Reconstruction. ``r = b`` (bit for bit) where the symbol is 0, else
+   ``r = round_to_dtype(b + rep[symbol])`` with the addition in float32 (float64 for float64
+   tensors); without a base, ``b`` is +0.0. Rounding to float16 and bfloat16 is to nearest,
+   ties to even (for bfloat16: ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16`` on the float32 bits
+   ``u``). Symbol 0 is taken from the base rather than added because NaN arithmetic differs
+   between processors; a non-finite base always gives a non-finite delta, hence symbol 0,
+   so the reconstruction never computes with a NaN. The encoder returns ``r``: it is the
+   base of the next delta, so quantization error does not accumulate along a chain.
 5. Exceptions. Elements whose value, float32 delta or reconstruction is not finite, and whose
    reconstruction differs from the value in bits, are stored exactly: their indices (int64,
    strictly increasing) and raw bits. Symbol 0's representative is -0.0, so a dropped or
@@ -106,6 +113,42 @@ def _weighted_sum(values: np.ndarray) -> int:
     return int((values.astype(np.uint64) * weights).sum(dtype=np.uint64))
 
 
+def _fingerprint_sums_numpy(words: np.ndarray) -> tuple[int, int, int, int, int]:
+    n = words.size
+    full = n - n % _FINGERPRINT_ROW
+    row_mix = col_mix = tail_mix = 0
+    rows = np.zeros(0, dtype=np.int64)
+    if full:
+        grid = words[:full].reshape(-1, _FINGERPRINT_ROW)
+        rows = grid.sum(axis=1, dtype=np.int64)
+        row_mix = _weighted_sum(rows)
+        col_mix = _weighted_sum(grid.sum(axis=0, dtype=np.int64))
+    tail = words[full:].astype(np.int64)
+    if tail.size:
+        tail_mix = _weighted_sum(tail)
+    # int64 sums wrap modulo 2**64 in numpy, like the integer adds of every backend.
+    total = int(rows.astype(np.uint64).sum(dtype=np.uint64)) + int(tail.astype(np.uint64).sum(dtype=np.uint64))
+    return total & _MASK64, row_mix, col_mix, tail_mix, n
+
+
+def _fingerprint_sums_torch(words: torch.Tensor) -> tuple[int, int, int, int, int]:
+    n = words.numel()
+    full = n - n % _FINGERPRINT_ROW
+    row_mix = col_mix = tail_mix = 0
+    total = 0
+    if full:
+        grid = words[:full].view(-1, _FINGERPRINT_ROW)
+        rows = grid.sum(dim=1, dtype=torch.int64)
+        row_mix = _weighted_sum(rows.cpu().numpy())
+        col_mix = _weighted_sum(grid.sum(dim=0, dtype=torch.int64).cpu().numpy())
+        total = int(rows.sum())
+    if n > full:
+        tail = words[full:].to(torch.int64)
+        tail_mix = _weighted_sum(tail.cpu().numpy())
+        total += int(tail.sum())
+    return total & _MASK64, row_mix, col_mix, tail_mix, n
+
+
 def fingerprint(tensor: torch.Tensor) -> int:
     """64-bit hash of a tensor's dtype, element count and bits (not its shape).
 
@@ -123,25 +166,14 @@ def fingerprint(tensor: torch.Tensor) -> int:
     Returns:
         The fingerprint as an unsigned 64-bit Python int.
     """
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    flat = tensor.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    words = flat.view(_INT_VIEW[min(flat.element_size(), 8)]).numpy()
-    n = words.size
-    full = n - n % _FINGERPRINT_ROW
-    row_mix = col_mix = tail_mix = 0
-    rows = np.zeros(0, dtype=np.int64)
-    if full:
-        grid = words[:full].reshape(-1, _FINGERPRINT_ROW)
-        rows = grid.sum(axis=1, dtype=np.int64)
-        row_mix = _weighted_sum(rows)
-        col_mix = _weighted_sum(grid.sum(axis=0, dtype=np.int64))
-    tail = words[full:].astype(np.int64)
-    if tail.size:
-        tail_mix = _weighted_sum(tail)
-    # int64 sums wrap modulo 2**64 in numpy, like the integer adds of every backend.
-    total = int(rows.astype(np.uint64).sum(dtype=np.uint64)) + int(tail.astype(np.uint64).sum(dtype=np.uint64))
-    total &= _MASK64
+    words = flat.view(_INT_VIEW[min(flat.element_size(), 8)])
+    if words.device.type == "cpu":
+        total, row_mix, col_mix, tail_mix, n = _fingerprint_sums_numpy(words.numpy())
+    else:  # integer sums on the device: exact, so equal to the numpy ones
+        total, row_mix, col_mix, tail_mix, n = _fingerprint_sums_torch(words)
     dtype_code = int.from_bytes(str(tensor.dtype).encode()[-8:].rjust(8, b"\0"), "little")
     h = _mix64(total)
     for part in (row_mix, col_mix, tail_mix, n, dtype_code):
@@ -182,9 +214,18 @@ def _delta_block(xb: np.ndarray, bb: np.ndarray | None, dtype: torch.dtype) -> n
     return _to_f32(xb, dtype) - _to_f32(bb, dtype)
 
 
+#: The fine key of every non-finite delta.
+NONFINITE_FINE_KEY = NONFINITE_EXPONENT << 4
+
+
 def _fine_keys(d: np.ndarray) -> np.ndarray:
     """Step 2: the 13-bit fine key ``bits(d) >> 19`` (sign, exponent, top 4 mantissa bits)."""
-    return (d.view(np.uint32) >> np.uint32(FINE_SHIFT)).astype(np.uint16)
+    u = d.view(np.uint32)
+    keys = (u >> np.uint32(FINE_SHIFT)).astype(np.uint16)
+    nonfinite = (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    if nonfinite.any():
+        keys[nonfinite] = NONFINITE_FINE_KEY
+    return keys
 
 
 def _check_lossy(x: torch.Tensor, base: torch.Tensor | None) -> None:
@@ -239,6 +280,18 @@ def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
 # --------------------------------------------------------------------------- pass 2
 
 
+def _round_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 to bfloat16 bits, round to nearest, ties to even (finite inputs and inf)."""
+    u = values.view(np.uint32)
+    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+
+
+def _has_nan(values: np.ndarray, dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16:  # numpy sees the bits
+        return bool(((values & np.uint16(0x7FFF)) > np.uint16(0x7F80)).any())
+    return bool(np.isnan(values).any())
+
+
 def _reconstruct_block(
     sym: np.ndarray, reps: np.ndarray, bb: np.ndarray | None, dtype: torch.dtype, out: np.ndarray
 ) -> None:
@@ -255,10 +308,14 @@ def _reconstruct_block(
         if bb is not None:
             values = np.add(bb, values, dtype=np.float32)
         out[:] = values
-    else:  # bfloat16 has no numpy type: round to nearest even through torch
+    else:
         if bb is not None:
             values = _to_f32(bb, dtype) + values
-        torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(values))
+        out[:] = _round_to_bf16(values)
+    # b + (-0.0) is b except for NaNs, which processors quiet or replace: symbol 0 copies
+    # the base. Only a base with NaNs needs it, so the check saves a pass otherwise.
+    if bb is not None and _has_nan(bb, dtype):
+        np.copyto(out, bb, where=sym == 0)
 
 
 def lc_reconstruct(

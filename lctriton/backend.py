@@ -16,7 +16,7 @@ import torch
 
 from lctriton.kernels import reference
 
-__all__ = ["BACKEND_ENV", "choose", "lc_histogram", "lc_encode", "lc_decode", "fingerprint"]
+__all__ = ["BACKEND_ENV", "choose", "threads_allowed", "lc_histogram", "lc_encode", "lc_decode", "fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ def choose(device: torch.device | str) -> ModuleType:
         logger.debug("Triton kernels unavailable; using the reference codec on %s", device)
         return reference
     return module
+
+
+def threads_allowed(device: torch.device | str) -> bool:
+    """Whether tensors on ``device`` may be coded from several threads at once: true for the
+    reference codec; Triton's CPU interpreter patches the language globally while it runs."""
+    return choose(device) is reference
 
 
 def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:

@@ -135,6 +135,8 @@ class _Flattener:
                 raise TypeError(f"cannot store dtype {obj} at {_path_name(path)!r}")
             return {"t": "dtype", "v": codecs.DTYPE_NAMES[obj]}
         if isinstance(obj, torch.Size):
+            if any(d < 0 for d in obj):
+                raise ValueError(f"torch.Size {tuple(obj)} at {_path_name(path)!r} has a negative dimension")
             return {"t": "size", "v": [int(d) for d in obj]}
         if isinstance(obj, torch.Tensor):
             return {"t": "tensor", "i": self._add(obj, path, "tensor")}
@@ -252,7 +254,7 @@ def encode_state(
 
     order = sorted(range(len(flat.tensors)), key=lambda i: -flat.tensors[i][1].numel())
     on_cpu = all(t.device.type == "cpu" for _, t in flat.tensors)
-    threads = cpu_threads() if on_cpu else 1
+    threads = cpu_threads() if on_cpu and backend.threads_allowed("cpu") else 1
     results: list[codecs.EncodedTensor | None] = [None] * len(flat.tensors)
     with ThreadPoolExecutor(threads) if threads > 1 else _Inline() as pool:
         for i, encoded in zip(order, pool.map(encode_one, order)):
@@ -529,7 +531,8 @@ def decode_state(
             groups.setdefault((records[entry[0]]["chunk"], dev), []).append(entry)
         work = []
         for (chunk, dev), entries in groups.items():
-            parts = _balanced_groups([e[1].numel for e in entries], cpu_threads() if dev == "cpu" else 1)
+            threads = cpu_threads() if dev == "cpu" and backend.threads_allowed(dev) else 1
+            parts = _balanced_groups([e[1].numel for e in entries], threads)
             work.extend((chunk, dev, [entries[j] for j in part]) for part in parts)
 
         def decode_group(job):
