@@ -49,6 +49,8 @@ fingerprint of their base so that decoding against a wrong base is detected.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -452,7 +454,7 @@ class _Packer:
         self.chunk = chunk_symbols
         self.sym_bits = 4 if lengths.size <= 16 else 8
         self.group = 4 if self.sym_bits == 4 else 2
-        self.table = _group_table(lengths, self.group, self.sym_bits)
+        self.table = _cached_group_table(lengths.tobytes(), self.group, self.sym_bits)
         self.blocks: list[tuple[np.ndarray, int]] = []
         self.chunk_bits: list[np.ndarray] = []
 
@@ -518,11 +520,19 @@ def _pack_groups(gcode: np.ndarray, glen: np.ndarray, starts: np.ndarray, nwords
     return words[:nwords]
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_group_table(lengths: bytes, group: int, sym_bits: int) -> np.ndarray:
+    table = _group_table(np.frombuffer(lengths, dtype=np.uint8), group, sym_bits)
+    table.flags.writeable = False
+    return table
+
+
 def _group_table(lengths: np.ndarray, group: int, sym_bits: int) -> np.ndarray:
     """Code and length of every ``group``-tuple of symbols, packed as ``code << 6 | length``.
 
     The tuple's index holds symbol ``j`` of the group at bits ``[sym_bits*j, sym_bits*(j+1))``;
-    the first symbol of the group is the most significant in the combined code.
+    the first symbol of the group is the most significant in the combined code. Built from
+    the table of pairs: a group of four is two pairs, combined in one broadcast.
     """
     codes = canonical_codes(lengths).astype(np.uint64)
     nsym = 1 << sym_bits
@@ -530,14 +540,16 @@ def _group_table(lengths: np.ndarray, group: int, sym_bits: int) -> np.ndarray:
     cods = np.zeros(nsym, dtype=np.uint64)
     lens[: lengths.size] = lengths
     cods[: lengths.size] = codes
-    index = np.arange(nsym**group, dtype=np.uint64)
-    code = np.zeros_like(index)
-    length = np.zeros_like(index)
-    for j in range(group):
-        sym = (index >> np.uint64(sym_bits * j)) & np.uint64(nsym - 1)
-        code = (code << lens[sym]) | cods[sym]
-        length = length + lens[sym]
-    return (code << np.uint64(6)) | length
+    # Pairs: index = first | second << sym_bits.
+    first_len, second_len = lens[None, :], lens[:, None]
+    pair_len = (first_len + second_len).reshape(-1)
+    pair_code = ((cods[None, :] << second_len) | cods[:, None]).reshape(-1)
+    if group == 2:
+        return (pair_code << np.uint64(6)) | pair_len
+    # Quads: index = first pair | second pair << (2 * sym_bits).
+    quad_len = (pair_len[None, :] + pair_len[:, None]).reshape(-1)
+    quad_code = ((pair_code[None, :] << pair_len[:, None]) | pair_code[:, None]).reshape(-1)
+    return (quad_code << np.uint64(6)) | quad_len
 
 
 def _group_indices(symbols: np.ndarray, group: int, sym_bits: int) -> np.ndarray:
