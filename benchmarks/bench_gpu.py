@@ -1,0 +1,122 @@
+"""GPU benchmark of the codec kernels (skipped without CUDA).
+
+For a 1B-element float32 tensor and its base (``LCTRITON_GPU_BENCH_NUMEL`` to change it),
+times with ``triton.testing.do_bench``:
+
+* the device's copy bandwidth (``dst.copy_(src)`` on the same bytes), the roofline;
+* pass 1 alone (reads x and base: 8 bytes per element);
+* compress end to end (pass 1, host tables, pass 2, stream packing);
+* decompress end to end (decode, dequantize, add the base);
+* the reference codec on the CPU for the same data is in ``bench_codec.py``.
+
+Each result records ms, GB/s of float32 input, and the fraction of the copy bandwidth (for
+pass 1, measured against the bytes it must move). ``python benchmarks/run.py gpu`` runs
+this file and writes the results JSON with the device name.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lctriton
+from lctriton import codecs, huffman
+
+pytestmark = pytest.mark.gpu
+
+NUMEL = int(os.environ.get("LCTRITON_GPU_BENCH_NUMEL", str(1 << 30)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(NUMEL, device="cuda", generator=g) * 0.05
+    x = base + torch.randn(NUMEL, device="cuda", generator=g) * 1e-3
+    return x, base
+
+
+def _do_bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200)
+
+
+def _copy_bandwidth(nbytes: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _do_bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # bytes read + written
+
+
+def _record(benchmark, ms: float, moved_bytes: int, copy_gbps: float) -> None:
+    gbps = moved_bytes / (ms * 1e-3) / 1e9
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        numel=NUMEL,
+        ms=ms,
+        input_GB_per_s=NUMEL * 4 / (ms * 1e-3) / 1e9,
+        moved_GB_per_s=gbps,
+        copy_GB_per_s=copy_gbps,
+        fraction_of_copy=gbps / copy_gbps,
+    )
+
+
+@pytest.mark.benchmark(group="gpu")
+def test_gpu_pass1_histogram(benchmark, data):
+    from lctriton.kernels.histogram import lc_histogram
+
+    x, base = data
+    copy = _copy_bandwidth(NUMEL * 4)
+    ms = _do_bench(lambda: lc_histogram(x, base))
+    benchmark.pedantic(lambda: (lc_histogram(x, base), torch.cuda.synchronize()), rounds=3, iterations=1)
+    _record(benchmark, ms, NUMEL * 8, copy)
+
+
+@pytest.mark.benchmark(group="gpu")
+def test_gpu_compress_end_to_end(benchmark, data):
+    x, base = data
+    copy = _copy_bandwidth(NUMEL * 4)
+
+    def run():
+        return lctriton.compress({"w": x}, base={"w": base})
+
+    ms = _do_bench(run)
+    c = benchmark.pedantic(run, rounds=3, iterations=1)
+    _record(benchmark, ms, NUMEL * 4, copy)
+    benchmark.extra_info["ratio"] = c.ratio
+
+
+@pytest.mark.benchmark(group="gpu")
+def test_gpu_decompress_end_to_end(benchmark, data):
+    x, base = data
+    copy = _copy_bandwidth(NUMEL * 4)
+    blob = lctriton.compress({"w": x}, base={"w": base}).to_bytes()
+    compressed = lctriton.Compressed.from_bytes(blob)
+
+    def run():
+        return lctriton.decompress(compressed, base={"w": base})
+
+    ms = _do_bench(run)
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    _record(benchmark, ms, NUMEL * 4, copy)
+
+
+@pytest.mark.benchmark(group="gpu")
+def test_gpu_encode_kernels_only(benchmark, data):
+    """Pass 2 alone, tables prepared: what the kernels cost without host work."""
+    from lctriton.kernels import encode, histogram
+
+    x, base = data
+    copy = _copy_bandwidth(NUMEL * 4)
+    plan = codecs.plan_buckets(histogram.lc_histogram(x, base).cpu().numpy(), 3)
+    lengths = torch.from_numpy(huffman.code_lengths(plan.symbol_counts))
+    lut = torch.from_numpy(plan.key_to_symbol).cuda()
+    reps = torch.from_numpy(plan.representatives.astype(np.float32)).cuda()
+    ms = _do_bench(lambda: encode.lc_encode(x, base, lut, reps, lengths, 4096))
+    benchmark.pedantic(lambda: encode.lc_encode(x, base, lut, reps, lengths, 4096), rounds=3, iterations=1)
+    _record(benchmark, ms, NUMEL * 4, copy)

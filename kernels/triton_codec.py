@@ -1,0 +1,14 @@
+"""The Triton backend: the codec passes as GPU kernels, one launcher per reference twin.
+
+``lctriton.backend`` dispatches CUDA tensors here. Every launcher has the name and signature
+of its twin in :mod:`lctriton.kernels.reference` and returns identical bytes.
+"""
+
+from __future__ import annotations
+
+from lctriton.kernels.decode import lc_decode
+from lctriton.kernels.encode import lc_encode
+from lctriton.kernels.histogram import lc_histogram
+from lctriton.kernels.reference import LcStream, fingerprint, lc_exceptions
+
+__all__ = ["lc_histogram", "lc_encode", "lc_decode", "lc_exceptions", "fingerprint", "LcStream"]

@@ -1,0 +1,242 @@
+"""Every Triton launcher against its reference twin, byte for byte.
+
+Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), at small sizes: 0, 1, a prime, a chunk +- 1, several chunks, a
+non-contiguous view, special values. The ``gpu`` tests repeat them at large sizes on CUDA.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import lctriton
+from lctriton import backend, codecs, huffman
+from lctriton.kernels import decode, encode, histogram, reference, triton_codec
+from lctriton.testing import assert_bit_exact, special_values
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SIZES = [0, 1, 1031, 4095, 4097, 3 * 4096 + 5]
+
+
+def _pair(n, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g, dtype=torch.float64) * 0.05
+    x = base + torch.randn(n, generator=g, dtype=torch.float64) * 1e-3 * (torch.rand(n, generator=g) < 0.7)
+    return x.to(dtype).to(device), base.to(dtype).to(device)
+
+
+def _tables(x, base, bits=3):
+    plan = codecs.plan_buckets(reference.lc_histogram(x.cpu(), None if base is None else base.cpu()).numpy(), bits)
+    lengths = huffman.code_lengths(plan.symbol_counts)
+    return (torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives),
+            torch.from_numpy(lengths), plan)
+
+
+def _special(dtype, n=4096 + 3):
+    sv = special_values(dtype)
+    x = sv.repeat(n // sv.numel() + 1)[:n]
+    return x, torch.roll(x, 5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_histogram_matches_reference(dtype, n, with_base):
+    x, base = _pair(n, dtype, seed=n)
+    b = base if with_base else None
+    assert torch.equal(histogram.lc_histogram(x, b), reference.lc_histogram(x, b))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_histogram_special_values_and_views(dtype):
+    x, base = _special(dtype)
+    assert torch.equal(histogram.lc_histogram(x, base), reference.lc_histogram(x, base))
+    xv, bv = x[: 64 * 60].view(64, 60).t(), base[: 64 * 60].view(64, 60).t()
+    assert torch.equal(histogram.lc_histogram(xv, bv), reference.lc_histogram(xv, bv))
+
+
+def _assert_encode_equal(x, base, bits=3, chunk=4096):
+    lut, reps, lengths, _ = _tables(x, base, bits)
+    got = encode.lc_encode(x, base, lut, reps, lengths, chunk)
+    want = reference.lc_encode(x, base, lut, reps, lengths, chunk)
+    assert torch.equal(got[0].cpu(), want[0]), "stream words"
+    assert torch.equal(got[1].cpu(), want[1]), "chunk bits"
+    assert_bit_exact(got[2].cpu(), want[2], "reconstruction")
+    assert got[3] == want[3], "non-finite flag"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", SIZES)
+def test_encode_matches_reference(dtype, n):
+    x, base = _pair(n, dtype, seed=n)
+    _assert_encode_equal(x, base)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 5, 8])
+@pytest.mark.parametrize("chunk", [64, 128, 4096])
+def test_encode_widths_and_chunks(bits, chunk):
+    x, base = _pair(3000, torch.float32, seed=bits)
+    _assert_encode_equal(x, base, bits, chunk)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_encode_special_values_no_base_and_views(dtype):
+    x, base = _special(dtype)
+    _assert_encode_equal(x, base)
+    _assert_encode_equal(x, None)
+    xv, bv = x[: 64 * 60].view(64, 60).t(), base[: 64 * 60].view(64, 60).t()
+    _assert_encode_equal(xv, bv)
+
+
+def test_encode_fill_has_no_stream():
+    x = torch.randn(5000)
+    _assert_encode_equal(x, x.clone())
+    lut, reps, lengths, _ = _tables(x, x)
+    assert not lengths.any() and encode.lc_encode(x, x, lut, reps, lengths, 4096)[0].numel() == 0
+
+
+def _streams(x, base, bits=3, chunk=64):
+    lut, reps, lengths, plan = _tables(x, base, bits)
+    stream, chunk_bits, _, _ = reference.lc_encode(x, base, lut, reps, lengths, chunk)
+    used = np.flatnonzero(plan.symbol_counts)
+    fill = None if lengths.any() else (int(used[0]) if used.size else 0)
+    return reference.LcStream(stream, chunk_bits, x.numel(), lengths.numpy(), fill, reps,
+                              None if base is None else base.reshape(-1), x.dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [0, 1, 97, 64 * 3 + 1, 1031])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_decode_matches_reference(dtype, n, with_base):
+    x, base = _pair(n, dtype, seed=n)
+    item = _streams(x, base if with_base else None)
+    (got,) = decode.lc_decode([item], 64)
+    (want,) = reference.lc_decode([item], 64)
+    assert_bit_exact(got, want)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_decode_special_values_and_fill(dtype):
+    x, base = _special(dtype, n=700)
+    item = _streams(x, base)
+    assert_bit_exact(decode.lc_decode([item], 64)[0], reference.lc_decode([item], 64)[0])
+    fill = _streams(x, x.clone())
+    assert fill.fill_symbol is not None
+    assert_bit_exact(decode.lc_decode([fill], 64)[0], reference.lc_decode([fill], 64)[0])
+
+
+def test_decode_large_chunk():
+    x, base = _pair(4096 + 7, torch.float32)
+    item = _streams(x, base, chunk=4096)
+    assert_bit_exact(decode.lc_decode([item], 4096)[0], reference.lc_decode([item], 4096)[0])
+
+
+def test_decode_detects_a_corrupt_stream():
+    x, base = _pair(1000, torch.float32)
+    item = _streams(x, base)
+    item.stream = torch.full_like(item.stream, -1)  # all ones: every code parses to another length
+    with pytest.raises(ValueError, match="recorded bit length"):
+        decode.lc_decode([item], 64)
+    with pytest.raises(ValueError, match="recorded bit length"):
+        reference.lc_decode([item], 64)
+
+
+def test_launchers_validate_arguments():
+    x = torch.randn(100)
+    lut = torch.zeros(reference.NUM_FINE_KEYS, dtype=torch.uint8)
+    reps, lengths = torch.zeros(2), torch.tensor([1, 1], dtype=torch.uint8)
+    for launcher in (histogram.lc_histogram,):
+        with pytest.raises(TypeError, match="x must be a tensor"):
+            launcher([1.0], None)
+        with pytest.raises(TypeError, match="x must be float32"):
+            launcher(torch.arange(3), None)
+        with pytest.raises(TypeError, match="base must be a tensor"):
+            launcher(x, [1.0])
+        with pytest.raises(ValueError, match="base must match"):
+            launcher(x, torch.randn(99))
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        encode.lc_encode([1.0], None, lut, reps, lengths, 64)
+    with pytest.raises(TypeError, match="x must be float32"):
+        encode.lc_encode(torch.arange(3), None, lut, reps, lengths, 64)
+    with pytest.raises(TypeError, match="base must be a tensor"):
+        encode.lc_encode(x, [1.0], lut, reps, lengths, 64)
+    with pytest.raises(ValueError, match="base must match"):
+        encode.lc_encode(x, x.double(), lut, reps, lengths, 64)
+    with pytest.raises(ValueError, match="chunk_symbols"):
+        encode.lc_encode(x, None, lut, reps, lengths, 100)
+    with pytest.raises(ValueError, match="key_to_symbol"):
+        encode.lc_encode(x, None, lut[:5], reps, lengths, 64)
+    with pytest.raises(ValueError, match="code_lengths"):
+        encode.lc_encode(x, None, lut, reps, lengths[:1], 64)
+    item = _streams(*_pair(200, torch.float32))
+    with pytest.raises(ValueError, match="chunk_symbols"):
+        decode.lc_decode([item], 96)
+    bad = reference.LcStream(item.stream, item.chunk_bits, 200, item.code_lengths, None, item.representatives,
+                             torch.zeros(199), torch.float32)
+    with pytest.raises(ValueError, match="base has 199 elements"):
+        decode.lc_decode([bad], 64)
+    wrong = reference.LcStream(item.stream, item.chunk_bits, 200, item.code_lengths, None, item.representatives,
+                               None, torch.int32)
+    with pytest.raises(TypeError, match="item dtype"):
+        decode.lc_decode([wrong], 64)
+
+
+def test_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
+    item = _streams(*_pair(200, torch.float32))
+    lut, reps, lengths, _ = _tables(*_pair(200, torch.float32))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="x is on cpu.*CUDA tensor or TRITON_INTERPRET=1"):
+        histogram.lc_histogram(torch.randn(10), None)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        encode.lc_encode(torch.randn(10), None, lut, reps, lengths, 64)
+    with pytest.raises(ValueError, match="decode device is on cpu"):
+        decode.lc_decode([item], 64)
+
+
+def test_backend_files_are_identical_both_ways(monkeypatch):
+    """A file written by the kernels decodes with the reference and the reverse."""
+    g = torch.Generator().manual_seed(3)
+    state = {"a": torch.randn(3000, generator=g), "b": torch.randn(40, 50, generator=g).to(torch.bfloat16),
+             "i": torch.arange(5)}
+    base = {k: (v + 0.01 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v
+            for k, v in state.items()}
+    monkeypatch.setenv(backend.BACKEND_ENV, "reference")
+    ref_bytes = lctriton.compress(state, base=base, chunk_symbols=64).to_bytes()
+    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+    assert backend.choose("cpu") is triton_codec
+    tri_bytes = lctriton.compress(state, base=base, chunk_symbols=64).to_bytes()
+    assert tri_bytes == ref_bytes
+    from_triton = lctriton.decompress(ref_bytes, base=base)
+    monkeypatch.setenv(backend.BACKEND_ENV, "reference")
+    from_reference = lctriton.decompress(tri_bytes, base=base)
+    for k in state:
+        assert_bit_exact(from_triton[k], from_reference[k], k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_large_tensors_match_reference(dtype):
+    x, base = _pair(10_000_019, dtype, seed=7)
+    xc, bc = x.cuda(), base.cuda()
+    assert torch.equal(histogram.lc_histogram(xc, bc).cpu(), reference.lc_histogram(x, base))
+    lut, reps, lengths, plan = _tables(x, base)
+    got = encode.lc_encode(xc, bc, lut, reps, lengths, 4096)
+    want = reference.lc_encode(x, base, lut, reps, lengths, 4096)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert_bit_exact(got[2].cpu(), want[2])
+    item = reference.LcStream(want[0], want[1], x.numel(), lengths.numpy(), None, reps, bc, dtype)
+    assert_bit_exact(decode.lc_decode([item], 4096)[0].cpu(), want[2])
+
+
+@pytest.mark.gpu
+def test_gpu_files_load_on_cpu_and_back():
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(4_000_000, generator=g)}
+    base = {"w": state["w"] + torch.randn(4_000_000, generator=g) * 1e-3}
+    cpu_bytes = lctriton.compress(state, base=base).to_bytes()
+    gpu_state = {k: v.cuda() for k, v in state.items()}
+    gpu_base = {k: v.cuda() for k, v in base.items()}
+    gpu_bytes = lctriton.compress(gpu_state, base=gpu_base).to_bytes()
+    assert gpu_bytes == cpu_bytes
+    assert_bit_exact(lctriton.decompress(gpu_bytes, base=gpu_base)["w"].cpu(),
+                     lctriton.decompress(cpu_bytes, base=base)["w"])
