@@ -53,7 +53,9 @@ def _lc_decode_kernel(
     pos = tl.load(word_off_ptr + lane, mask=live, other=0) * 64
     first = lane * CHUNK
     count = tl.where(live, tl.minimum(n - first, CHUNK), 0)
-    for i in range(0, tl.max(count, axis=0)):
+    # A constant bound: triton 3.6's interpreter cannot bound a loop by a runtime value;
+    # lanes past their chunk's end are masked.
+    for i in range(0, CHUNK):
         act = live & (i < count)
         word = pos >> 6
         shift = (pos & 63).to(tl.uint64)
