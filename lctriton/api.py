@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import uuid
@@ -115,6 +116,7 @@ def compress(
     *,
     return_reconstruction: bool = False,
     progress: Progress | None = None,
+    metadata: dict[str, Any] | None = None,
     **options: Any,
 ) -> Compressed | tuple[Compressed, Any]:
     """Compress a state (a state dict, or any nesting of dicts, lists and tuples).
@@ -127,6 +129,8 @@ def compress(
         return_reconstruction: Also return the state a decoder restores: the ``base`` of the
             next checkpoint in a chain, without decoding this one.
         progress: Called with (bytes done, bytes total).
+        metadata: A JSON object (str keys; numbers, strings, bools, None, lists and objects)
+            stored in the container's index; :func:`inspect` returns it.
         **options: Codec options (:class:`lctriton.config.CodecOptions`): ``bits``,
             ``lossless``, ``lossless_key``, ``exact``, ``min_numel``, ``chunk_symbols``.
 
@@ -140,10 +144,22 @@ def compress(
     """
     opts = CodecOptions.from_kwargs(**options)
     encoded = pipeline.encode_state(obj, base, opts, reconstruct=return_reconstruction, progress=progress)
+    if metadata is not None:
+        encoded.index["meta"] = _checked_metadata(metadata)
     result = Compressed(encoded)
     if return_reconstruction:
         return result, encoded.reconstruction
     return result
+
+
+def _checked_metadata(metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata must be a dict with str keys")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"metadata must be plain JSON (str keys, finite numbers): {exc}") from None
+    return metadata
 
 
 def decompress(
@@ -192,6 +208,7 @@ def save(
     base: Any = None,
     *,
     progress: Progress | None = None,
+    metadata: dict[str, Any] | None = None,
     **options: Any,
 ) -> Compressed:
     """Compress a state and write it to ``path`` atomically.
@@ -210,7 +227,16 @@ def save(
     Returns:
         The compressed state (its ``nbytes`` is the file size).
     """
-    compressed = compress(obj, base, progress=progress, **options)
+    compressed = compress(obj, base, progress=progress, metadata=metadata, **options)
+    write_atomic(path, compressed)
+    return compressed
+
+
+def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bool = True) -> None:
+    """Write a container to ``path`` atomically: temporary file, flush, fsync, rename.
+
+    A crash at any moment leaves either the previous file or the new one.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     # A fresh name with O_EXCL, created with mode 0o666 so that the umask applies as for
@@ -221,7 +247,8 @@ def save(
         with os.fdopen(fd, "wb") as f:
             compressed.write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -229,8 +256,8 @@ def save(
         except OSError:
             pass
         raise
-    _fsync_dir(directory)
-    return compressed
+    if fsync:
+        _fsync_dir(directory)
 
 
 def load(
@@ -319,5 +346,6 @@ def _describe(container: fmt.Container) -> dict[str, Any]:
         "raw_nbytes": raw_total,
         "ratio": raw_total / container.size,
         "delta": any(t["base"] for t in tensors),
+        "metadata": index.get("meta") if isinstance(index.get("meta"), dict) else None,
         "tensors": tensors,
     }
