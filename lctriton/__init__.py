@@ -7,6 +7,8 @@ on the CPU, and a container format that never unpickles.
 
 from lctriton.api import Compressed, compress, decompress, inspect, load, save
 from lctriton.config import CodecOptions
+from lctriton.manager import CheckpointInfo, CheckpointManager, ManifestError, Restored, SaveHandle
+from lctriton.state import DataPosition, ResumableSampler, Stateful, TrainingState, capture_rng, restore_rng
 from lctriton.errors import (
     BaseMismatchError,
     ChecksumError,
@@ -27,6 +29,17 @@ __all__ = [
     "load",
     "inspect",
     "CodecOptions",
+    "CheckpointManager",
+    "CheckpointInfo",
+    "SaveHandle",
+    "Restored",
+    "ManifestError",
+    "TrainingState",
+    "ResumableSampler",
+    "DataPosition",
+    "Stateful",
+    "capture_rng",
+    "restore_rng",
     "LctError",
     "FormatError",
     "TruncatedError",
