@@ -330,22 +330,34 @@ class CheckpointManager:
         if self._entries:
             self._last_step = max(self._entries)
 
-    def _commit_manifest(self) -> None:
-        """Write the manifest atomically (called with the lock held)."""
+    def _commit_manifest(self, entries: dict[int, CheckpointInfo] | None = None) -> None:
+        """Write the manifest atomically (called with the lock held), then adopt ``entries``.
+
+        Args:
+            entries: The restore points to commit; the current ones when None. They become
+                the manager's only once they are on storage: a failed commit leaves the
+                manager with what the manifest on disk says.
+        """
+        entries = self._entries if entries is None else entries
         data = {
             "format": "lctriton-manifest",
             "version": 1,
-            "checkpoints": [self._entries[s].to_json() for s in sorted(self._entries)],
+            "checkpoints": [entries[s].to_json() for s in sorted(entries)],
         }
         tmp = self.directory / f".{MANIFEST}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, self._manifest_path())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, self._manifest_path())
+        except BaseException:
+            self._unlink(tmp)
+            raise
         if self.fsync:
             _fsync_dir(self.directory)
+        self._entries = entries
 
     def _clean_directory(self) -> None:
         """Remove temporary files and checkpoint files no manifest entry names."""
@@ -575,35 +587,45 @@ class CheckpointManager:
             raw_nbytes=compressed.raw_nbytes, time=time.time(), metadata=job["metadata"],
         )
         with self._lock:
+            entries = dict(self._entries)
             if job["tag"]:
-                self._untag(job["tag"])
-            self._entries[step] = info
-            doomed = self._retention()
-            self._commit_manifest()
+                self._untag(job["tag"], entries)
+            entries[step] = info
+            doomed = self._retention(entries)
+            try:
+                self._commit_manifest(entries)
+            except BaseException:
+                # The file is complete but no manifest names it: remove it now rather
+                # than leave it for the next manager to find.
+                self._unlink(path)
+                raise
         for p in doomed:
             self._unlink(p)
         return info
 
-    def _untag(self, name: str) -> None:
-        for s, info in list(self._entries.items()):
+    def _untag(self, name: str, entries: dict[int, CheckpointInfo] | None = None) -> None:
+        entries = self._entries if entries is None else entries
+        for s, info in list(entries.items()):
             if name in info.tags:
-                self._entries[s] = dataclasses.replace(info, tags=tuple(t for t in info.tags if t != name))
+                entries[s] = dataclasses.replace(info, tags=tuple(t for t in info.tags if t != name))
 
-    def _retention(self) -> list[Path]:
-        """Drop entries no kept restore point needs; return their files (lock held)."""
-        steps = sorted(self._entries)
-        keep = set(steps[-self.keep_last :]) | {s for s in steps if self._entries[s].tags}
-        if self._base_step in self._entries:
+    def _retention(self, entries: dict[int, CheckpointInfo] | None = None) -> list[Path]:
+        """Drop from ``entries`` (default: the manager's) the points no kept restore point
+        needs; return their files, to delete after the manifest commit (lock held)."""
+        entries = self._entries if entries is None else entries
+        steps = sorted(entries)
+        keep = set(steps[-self.keep_last :]) | {s for s in steps if entries[s].tags}
+        if self._base_step in entries:
             keep.add(self._base_step)  # the chain head the next delta builds on
         needed = set()
         for s in keep:
-            for info in self._chain(s):
+            info = entries[s]
+            while True:
                 needed.add(info.step)
-        doomed = []
-        for s in steps:
-            if s not in needed:
-                doomed.append(self.directory / self._entries.pop(s).file)
-        return doomed
+                if info.kind == "key":
+                    break
+                info = entries[info.base_step]
+        return [self.directory / entries.pop(s).file for s in steps if s not in needed]
 
     def wait(self) -> None:
         """Block until every pending save is durable.
@@ -653,18 +675,19 @@ class CheckpointManager:
         with self._lock:
             if step not in self._entries:
                 raise LookupError(f"no checkpoint at step {step} in {self.directory}")
-            self._untag(name)
-            info = self._entries[step]
-            self._entries[step] = dataclasses.replace(info, tags=info.tags + (name,))
-            self._commit_manifest()
+            entries = dict(self._entries)
+            self._untag(name, entries)
+            entries[step] = dataclasses.replace(entries[step], tags=entries[step].tags + (name,))
+            self._commit_manifest(entries)
 
     def untag(self, name: str) -> None:
         """Remove a tag (its restore point then follows ordinary retention)."""
         self.wait()
         with self._lock:
-            self._untag(name)
-            doomed = self._retention()
-            self._commit_manifest()
+            entries = dict(self._entries)
+            self._untag(name, entries)
+            doomed = self._retention(entries)
+            self._commit_manifest(entries)
         for p in doomed:
             self._unlink(p)
 
@@ -734,18 +757,19 @@ class CheckpointManager:
                 earlier = [s for s in self._entries if s < chain[0].step]
                 if not earlier:
                     raise FormatError(f"no intact restore point at or before step {target}: {error}") from error
-                logger.warning("step %s cannot be restored (%s); trying earlier restore points", target, error)
                 restored = self.restore(max(earlier), device=device, fallback=True)
-                step, state, requested = restored.step, restored.state, target
-            else:
-                logger.warning("step %s cannot be restored (%s); restored step %s instead", target, error, step)
-                requested = target
+                step, state = restored.step, restored.state
+            logger.warning(
+                "step %s cannot be restored (%s is unusable: %s); restored step %s instead",
+                target, bad.file, error, step,
+            )
+            requested = target
         info = self._entries[step]
         if discard_later:
             with self._lock:
-                later = [s for s in self._entries if s > step]
-                doomed = [self.directory / self._entries.pop(s).file for s in later]
-                self._commit_manifest()
+                entries = dict(self._entries)
+                doomed = [self.directory / entries.pop(s).file for s in list(entries) if s > step]
+                self._commit_manifest(entries)
             for p in doomed:
                 self._unlink(p)
             self._last_step = step
@@ -781,11 +805,12 @@ class CheckpointManager:
         api.write_atomic(self.directory / name, compressed, fsync=self.fsync)
         with self._lock:
             info = dataclasses.replace(old, file=name, kind="key", base_step=None, nbytes=compressed.nbytes)
-            self._entries[target] = info
+            entries = dict(self._entries)
+            entries[target] = info
             # Deltas coded against the old chain stay valid: they point at this step's
             # reconstruction, which the new key reproduces exactly.
-            doomed = self._retention()
-            self._commit_manifest()
+            doomed = self._retention(entries)
+            self._commit_manifest(entries)
         for p in doomed + [self.directory / old.file]:
             if p.name != name:
                 self._unlink(p)
