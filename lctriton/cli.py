@@ -154,15 +154,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lctriton import demo
 
+    fail_at = demo.check_options(args.checkpoints, args.interval,
+                                 -1 if args.fail_at is None else args.fail_at)
     out_dir = args.out or tempfile.mkdtemp(prefix="lctriton-demo-")
-    print(f"Training a CNN on scikit-learn's handwritten digits; checkpoints in {out_dir}")
-    print(f"{args.checkpoints} checkpoints of the whole training state (model + Adam), "
-          f"one every {args.interval} steps, coded at {args.bits} bits per value\n")
-    rows = demo.run_demo(out_dir, checkpoints=args.checkpoints, interval=args.interval,
-                         seed=args.seed, bits=args.bits, progress=args.progress)
-    print(demo.format_table(rows))
-    print("\nEach row is restored by replaying the chain from the key checkpoint; accuracies are on "
-          "the held-out test split.")
+    print(f"Training a CNN on scikit-learn's handwritten digits for "
+          f"{args.checkpoints * args.interval} steps; checkpoints in {out_dir}")
+    print(f"Every {args.interval} steps a CheckpointManager saves the whole training state (model, "
+          f"Adam, step, RNG)\nin the background, deltas at {args.bits} bits per value, tagged "
+          f"'{demo.CLEAN_TAG}' while the loss is healthy.")
+    if fail_at:
+        print(f"At step {fail_at} a corrupted batch (NaN pixels) sends the loss to NaN:\nthe run "
+              f"rolls back to the '{demo.CLEAN_TAG}' checkpoint and goes on.")
+    print()
+    result = demo.run_demo(out_dir, checkpoints=args.checkpoints, interval=args.interval,
+                           fail_at=fail_at, seed=args.seed, bits=args.bits, make_plot=args.plot,
+                           progress=args.progress)
+    print(demo.format_table(result))
+    print("\nstall: how long manager.save blocked the loop; bg: compressing and writing it in the "
+          "background;\nrestored: test accuracy after a fresh manager restores the checkpoint "
+          "(its chain from the key).\n")
+    print(demo.format_summary(result))
     return 0
 
 
@@ -212,14 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("demo", help="train a small CNN, checkpoint it as a chain, restore every checkpoint",
-                       description="Train a CNN on scikit-learn's bundled digits, save a chain of "
-                                   "compressed checkpoints, restore each and compare accuracy.")
-    p.add_argument("--checkpoints", type=int, default=12, help="checkpoints in the chain (default 12)")
-    p.add_argument("--interval", type=int, default=25, help="training steps between checkpoints (default 25)")
+    p = sub.add_parser("demo",
+                       help="train a CNN with asynchronous compressed checkpoints, survive a "
+                            "failure, restore every checkpoint",
+                       description="Train a CNN on scikit-learn's bundled digits with a "
+                                   "CheckpointManager saving the whole training state "
+                                   "asynchronously, inject a corrupted batch that sends the loss "
+                                   "to NaN, roll back to the last clean checkpoint and finish; "
+                                   "then restore every checkpoint, compare accuracy, and plot "
+                                   "ratio, error and loss to demo.png.")
+    p.add_argument("--checkpoints", type=int, default=20,
+                   help="checkpoints of the finished run, which trains checkpoints x interval "
+                        "steps (default 20)")
+    p.add_argument("--interval", type=int, default=25,
+                   help="training steps between checkpoints (default 25)")
+    p.add_argument("--fail-at", type=int, metavar="STEP",
+                   help="step whose batch is corrupted (default: a little past 60%% of the run; "
+                        "0: no failure)")
     p.add_argument("--bits", type=int, default=3, help="bits per value of a delta (default 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="directory for the checkpoints (default: a new temporary one)")
+    p.add_argument("--out",
+                   help="directory for the checkpoints and demo.png (default: a new temporary one)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write demo.png")
     progress_flag(p)
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -79,8 +79,30 @@ def test_help_is_there(capsys):
         assert word in text
 
 
-def test_demo_runs_and_restores_every_checkpoint(tmp_path, capsys):
-    assert cli.main(["demo", "--checkpoints", "3", "--interval", "10", "--out", str(tmp_path)]) == 0
+def test_demo_rolls_back_and_restores_every_checkpoint(tmp_path, capsys):
+    assert cli.main(["demo", "--checkpoints", "4", "--interval", "5", "--fail-at", "13",
+                     "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "restored" in out and out.count(" delta ") == 2
-    assert len(list(tmp_path.glob("*.lct"))) == 3
+    assert "restored %" in out and "stall ms" in out and out.count(" delta ") == 3
+    flat = " ".join(out.split())  # the summary is wrapped
+    assert "corrupted batch at step 13 -> loss nan" in flat
+    assert "rollback to the 'clean' checkpoint of step 10" in flat
+    assert "4 of 4 checkpoints restored" in flat
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(tmp_path.glob("*.lct"))) == 4
+
+    from lctriton import demo
+
+    result = demo.run_demo(tmp_path / "lib", checkpoints=3, interval=4, fail_at=6, make_plot=False)
+    event = result.rollback
+    assert (event.failed_step, event.restored_step, event.steps_redone) == (6, 4, 2)
+    assert event.reason == "non-finite loss" and event.discarded_steps == ()
+    assert [r.step for r in result.rows] == [4, 8, 12]
+    assert [r.kind for r in result.rows] == ["key", "delta", "delta"]
+    for r in result.rows:
+        assert r.restored and r.max_abs_error < 0.1 and abs(r.accuracy - r.restored_accuracy) < 5
+    assert result.rows[0].max_abs_error == 0  # the key is lossless
+    assert result.rows[-1].tags == ("clean",) and result.plot_path is None
+    assert [p.step for p in result.losses if p.discarded] == [5, 6]
+    assert sum(not p.discarded for p in result.losses) == 12
+    assert result.stall_mean_s > 0 and len(result.torch_save_s) == 3 and result.stall_fraction > 0
