@@ -59,6 +59,7 @@ class Compressed:
             if self._encoded is None:
                 self._bytes = bytes(self._container._buffer)  # noqa: SLF001 (own module family)
             else:
+                self._encoded.wait_ready()
                 buf = io.BytesIO()
                 fmt.write_container(buf, self._encoded.index, self._encoded.sections)
                 self._bytes = buf.getvalue()
@@ -67,6 +68,7 @@ class Compressed:
     def write(self, stream: Any) -> int:
         """Write the container to a binary stream; returns the bytes written."""
         if self._encoded is not None and self._bytes is None:
+            self._encoded.wait_ready()
             return fmt.write_container(stream, self._encoded.index, self._encoded.sections)
         data = self.to_bytes()
         stream.write(data)
@@ -95,6 +97,14 @@ class Compressed:
     def nbytes(self) -> int:
         """Bytes of the container."""
         return len(self.to_bytes())
+
+    @property
+    def payload_nbytes(self) -> int:
+        """Bytes of the coded tensors (the container less its index and padding), known
+        without serializing and without waiting for a GPU's copies to the host."""
+        if self._encoded is None:
+            return self.nbytes
+        return sum(part.nbytes for parts in self._encoded.sections for part in parts)
 
     @property
     def ratio(self) -> float:
@@ -232,10 +242,13 @@ def save(
     return compressed
 
 
-def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bool = True) -> None:
+def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bool = True) -> int:
     """Write a container to ``path`` atomically: temporary file, flush, fsync, rename.
 
     A crash at any moment leaves either the previous file or the new one.
+
+    Returns:
+        The number of bytes written.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -245,7 +258,7 @@ def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bo
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            compressed.write(f)
+            written = compressed.write(f)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -258,6 +271,7 @@ def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bo
         raise
     if fsync:
         _fsync_dir(directory)
+    return written
 
 
 def load(

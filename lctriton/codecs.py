@@ -143,6 +143,15 @@ class EncodedTensor:
     record: dict[str, Any]
     parts: list[np.ndarray]
     reconstruction: torch.Tensor | None = None
+    #: For tensors coded on a GPU: the event after which ``parts`` (pinned host memory
+    #: filled by a side stream) hold their bytes. Writers call :meth:`wait_ready` first.
+    ready: Any = None
+
+    def wait_ready(self) -> None:
+        """Block until the payload's bytes are on the host."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
     @property
     def nbytes(self) -> int:
@@ -224,13 +233,43 @@ def encode_lc(
         "bound": plan.error_bound,
         "base": None if b is None else f"{backend.fingerprint(b):016x}",
     }
-    parts = [
-        chunk_bits.cpu().numpy().astype(np.uint32),
-        stream.cpu().numpy(),
-        exc_index.cpu().numpy(),
-        _as_bytes_array(exc_values),
-    ]
-    return EncodedTensor(record, parts, recon.view(x.shape))
+    ready = None
+    if dev.type == "cuda":
+        # Only compressed bytes cross to the host: into pinned buffers, on a side stream,
+        # so the copy overlaps whatever the caller launches next.
+        (chunk_host, stream_host), ready = _to_pinned_host([chunk_bits.to(torch.int32), stream])
+        chunk_part, stream_part = chunk_host.numpy().view(np.uint32), stream_host.numpy()
+    else:
+        chunk_part, stream_part = chunk_bits.cpu().numpy().astype(np.uint32), stream.cpu().numpy()
+    parts = [chunk_part, stream_part, exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
+    return EncodedTensor(record, parts, recon.view(x.shape), ready)
+
+
+_side_streams: dict[int, Any] = {}
+
+
+def _to_pinned_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """Copy device tensors into new pinned host tensors on a per-device side stream.
+
+    Returns:
+        The host tensors (valid once the event completes) and the event.
+    """
+    device = tensors[0].device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _side_streams.get(index)
+    if side is None:
+        side = _side_streams[index] = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    hosts = []
+    with torch.cuda.stream(side):
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            t.record_stream(side)  # keep the device memory alive until the copy is done
+            hosts.append(host)
+        event = torch.cuda.Event()
+        event.record(side)
+    return hosts, event
 
 
 # --------------------------------------------------------------------------- reading

@@ -495,7 +495,7 @@ class CheckpointManager:
             # The chain advances now; a write that fails later makes every queued delta
             # built on it fail too (see _run_job), and the next save a key.
             self._base, self._base_step = job.pop("recon"), step
-            nbytes = job["compressed"].nbytes
+            nbytes = job["compressed"].payload_nbytes  # pinned host bytes, copy still running
             self._budget.acquire(nbytes)
             job["staged_bytes"] = nbytes
         else:
@@ -579,11 +579,11 @@ class CheckpointManager:
         step = job["step"]
         name = f"step-{step:012d}.lct"
         path = self.directory / name
-        api.write_atomic(path, job["compressed"], fsync=self.fsync)
+        nbytes = api.write_atomic(path, job["compressed"], fsync=self.fsync)
         compressed = job["compressed"]
         info = CheckpointInfo(
             step=step, file=name, kind=job["kind"], base_step=job["base_step"],
-            tags=(job["tag"],) if job["tag"] else (), nbytes=compressed.nbytes,
+            tags=(job["tag"],) if job["tag"] else (), nbytes=nbytes,
             raw_nbytes=compressed.raw_nbytes, time=time.time(), metadata=job["metadata"],
         )
         with self._lock:
@@ -802,9 +802,9 @@ class CheckpointManager:
                                   **self.codec_options)
         old = self._entries[target]
         name = f"step-{target:012d}-m{int(time.time() * 1000) % 10**9}.lct"
-        api.write_atomic(self.directory / name, compressed, fsync=self.fsync)
+        nbytes = api.write_atomic(self.directory / name, compressed, fsync=self.fsync)
         with self._lock:
-            info = dataclasses.replace(old, file=name, kind="key", base_step=None, nbytes=compressed.nbytes)
+            info = dataclasses.replace(old, file=name, kind="key", base_step=None, nbytes=nbytes)
             entries = dict(self._entries)
             entries[target] = info
             # Deltas coded against the old chain stay valid: they point at this step's

@@ -83,11 +83,18 @@ class EncodedState:
         raw_nbytes: Bytes of all tensors as stored in memory.
     """
 
-    def __init__(self, index, sections, reconstruction, raw_nbytes):
+    def __init__(self, index, sections, reconstruction, raw_nbytes, pending=()):
         self.index = index
         self.sections = sections
         self.reconstruction = reconstruction
         self.raw_nbytes = raw_nbytes
+        self._pending = list(pending)
+
+    def wait_ready(self) -> None:
+        """Block until every section's bytes are on the host (GPU copies run async)."""
+        for encoded in self._pending:
+            encoded.wait_ready()
+        self._pending = []
 
 
 # --------------------------------------------------------------------------- tree
@@ -272,7 +279,8 @@ def encode_state(
         recon_tensors.append(encoded.reconstruction)
     index = {"format": "lctriton", "tree": tree, "tensors": records}
     reconstruction = _rebuild(tree, [_as_kind(t, k) for t, k in zip(recon_tensors, flat.kinds)]) if reconstruct else None
-    return EncodedState(index, sections, reconstruction, total)
+    pending = [e for e in results if e.ready is not None]
+    return EncodedState(index, sections, reconstruction, total, pending)
 
 
 class _Inline:

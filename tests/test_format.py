@@ -1404,6 +1404,9 @@ def test_unpickling_guard_works(no_unpickling):
 ALLOWED_TORCH_LOAD = {
     "cli.py": "the command line reads the user's own *input* PyTorch checkpoint (.pt) to compress it, "
     "with torch.load(weights_only=True); .lct files are read with lctriton.load",
+    "lc_checkpoint.py": "lctriton.compat.lc_checkpoint.restore_model accepts, like the package it "
+    "replaces, an initial model saved with torch.save; it reads that file with torch.load("
+    "weights_only=True) and never uses it to read an lctriton container",
 }
 _PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "pickletools", "copyreg", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
