@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lctriton.huffman import canonical_codes
-from lctriton.kernels._runtime import DTYPE_KIND, check_tensor
+from lctriton.kernels._runtime import DTYPE_KIND, check_pair
 from lctriton.kernels.histogram import NUM_FINE_KEYS, delta_f32, fine_keys, widen_bf16
 
 __all__ = ["lc_encode", "reconstruct", "is_nonfinite"]
@@ -176,21 +176,9 @@ def lc_encode(
     """
     from lctriton.kernels.reference import check_chunk_symbols
 
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPE_KIND:
-        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    flat = check_tensor("x", x)
-    b = flat
-    if base is not None:
-        if not isinstance(base, torch.Tensor):
-            raise TypeError(f"base must be a tensor or None, got {type(base).__name__}")
-        if base.shape != x.shape or base.dtype != x.dtype or base.device != x.device:
-            raise ValueError(
-                f"base must match x in shape, dtype and device: x is {tuple(x.shape)} {x.dtype} on {x.device}, "
-                f"base is {tuple(base.shape)} {base.dtype} on {base.device}"
-            )
-        b = check_tensor("base", base)
+    flat, b = check_pair(x, base)
+    if b is None:
+        b = flat  # any pointer: the kernel does not read it without a base
     chunk = check_chunk_symbols(chunk_symbols)
     if key_to_symbol.numel() != NUM_FINE_KEYS:
         raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lctriton.kernels._runtime import DTYPE_KIND, check_tensor, perf_configs
+from lctriton.kernels._runtime import DTYPE_KIND, check_pair, perf_configs
 
 __all__ = ["NUM_FINE_KEYS", "lc_histogram"]
 
@@ -103,22 +103,10 @@ def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         TypeError: If ``x`` or ``base`` has the wrong type or dtype.
         ValueError: If ``base`` differs in shape or device, or the device cannot run kernels.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPE_KIND:
-        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    flat = check_tensor("x", x)
+    flat, b = check_pair(x, base)
     n = flat.numel()
-    b = flat
-    if base is not None:
-        if not isinstance(base, torch.Tensor):
-            raise TypeError(f"base must be a tensor or None, got {type(base).__name__}")
-        if base.shape != x.shape or base.dtype != x.dtype or base.device != x.device:
-            raise ValueError(
-                f"base must match x in shape, dtype and device: x is {tuple(x.shape)} {x.dtype} on {x.device}, "
-                f"base is {tuple(base.shape)} {base.dtype} on {base.device}"
-            )
-        b = check_tensor("base", base)
+    if b is None:
+        b = flat  # any pointer: the kernel does not read it without a base
     hist = torch.zeros(NUM_FINE_KEYS, dtype=torch.int64, device=x.device)
     if n == 0:
         return hist

@@ -199,7 +199,8 @@ def decompress(
     return pipeline.decode_state(compressed.container, base, device, progress)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make renames in ``directory`` durable; platforms without directory fds skip it."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -242,10 +243,18 @@ def save(
     return compressed
 
 
-def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bool = True) -> int:
+def write_atomic(
+    path: str | os.PathLike[str], source: Compressed | Callable[[Any], int], fsync: bool = True
+) -> int:
     """Write a container to ``path`` atomically: temporary file, flush, fsync, rename.
 
     A crash at any moment leaves either the previous file or the new one.
+
+    Args:
+        path: Destination.
+        source: A :class:`Compressed`, or a function that writes to a binary file and
+            returns the number of bytes written.
+        fsync: Flush the file and the directory to storage.
 
     Returns:
         The number of bytes written.
@@ -258,7 +267,7 @@ def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bo
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            written = compressed.write(f)
+            written = source(f) if callable(source) else source.write(f)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -270,7 +279,7 @@ def write_atomic(path: str | os.PathLike[str], compressed: Compressed, fsync: bo
             pass
         raise
     if fsync:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return written
 
 

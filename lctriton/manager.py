@@ -214,19 +214,6 @@ def _snapshot(obj: Any, memo: dict[int, torch.Tensor]) -> Any:
     return obj
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class CheckpointManager:
     """Asynchronous, compressed, crash-safe checkpoints of a training run.
 
@@ -356,7 +343,7 @@ class CheckpointManager:
             self._unlink(tmp)
             raise
         if self.fsync:
-            _fsync_dir(self.directory)
+            api.fsync_dir(self.directory)
         self._entries = entries
 
     def _clean_directory(self) -> None:

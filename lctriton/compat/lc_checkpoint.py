@@ -65,15 +65,15 @@ import dataclasses
 import logging
 import os
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 import lctriton
+from lctriton import api
 from lctriton import format as fmt
 from lctriton.errors import FormatError
 
@@ -487,40 +487,6 @@ def decode_data(encoded: Any, encoder: DeltaInfo | None = None) -> np.ndarray:
     return lctriton.decompress(compressed)["delta"]
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make a rename durable; platforms without directory fds just skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through a temporary file and a rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL on a fresh name; mode 0o666 so the umask applies as for any new file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
 def save_checkpoint(
     filename: str | os.PathLike[str],
     compressed_data: Any,
@@ -568,7 +534,8 @@ def save_checkpoint(
     sections = [
         [np.frombuffer(container.section(i), dtype=np.uint8)] for i in range(container.num_sections)
     ]
-    _write_atomic(path, lambda f: fmt.write_container(f, index, sections))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    api.write_atomic(path, lambda f: fmt.write_container(f, index, sections))
     logger.debug("saved epoch %d iteration %d to %s", epoch, iteration, path)
 
 
