@@ -43,7 +43,8 @@ except ImportError as exc:  # transformers is an optional dependency
         "pip install transformers  (or pip install 'lctriton[integrations]')"
     ) from exc
 
-from lctriton.manager import CheckpointManager, Restored, SaveHandle
+from lctriton.hooks._core import CallbackCore
+from lctriton.manager import CheckpointManager, Restored
 from lctriton.state import TRAINING_STATE_FORMAT, TrainingState
 
 __all__ = ["LctritonCallback", "TRAINER_STATE_FIELDS"]
@@ -79,7 +80,7 @@ def _trainer_state_values(state: Any) -> dict[str, Any]:
     return values
 
 
-class LctritonCallback(TrainerCallback):
+class LctritonCallback(CallbackCore, TrainerCallback):
     """Save lctriton checkpoints from a ``transformers.Trainer`` run.
 
     Args:
@@ -112,24 +113,7 @@ class LctritonCallback(TrainerCallback):
         resume: bool = False,
         rng: bool = True,
     ) -> None:
-        if not all(hasattr(manager, m) for m in ("save", "should_save", "restore", "wait")):
-            raise TypeError(f"manager must be a CheckpointManager, got {type(manager).__name__}")
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
-            raise ValueError(f"every must be a positive int or None, got {every!r}")
-        for name, value in (("save_optimizer", save_optimizer), ("resume", resume), ("rng", rng)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        self.manager = manager
-        self.every = every
-        self.save_optimizer = save_optimizer
-        self.resume = resume
-        self.rng = rng
-        self.last_save: SaveHandle | None = None
-        self.saved_steps: list[int] = []
-        self.restored: Restored | None = None
-        self._last_seen = -1
+        self._init_core(manager, every, "every", save_optimizer, resume, rng)
 
     # ------------------------------------------------------------------ events
 
@@ -147,13 +131,8 @@ class LctritonCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Save when a checkpoint is due at ``state.global_step``."""
         step = state.global_step
-        if step <= self._last_seen:
-            return
-        self._last_seen = step
-        if not state.is_world_process_zero:
-            return
-        due = step % self.every == 0 if self.every is not None else self.manager.should_save(step)
-        if not due:
+        # The Trainer hands callbacks no loss: a schedule gets None.
+        if not self._due(step, state.is_world_process_zero):
             return
         values = _trainer_state_values(state)
         training_state = TrainingState(
@@ -166,8 +145,7 @@ class LctritonCallback(TrainerCallback):
             rng=self.rng,
         )
         metadata = {"epoch": values["epoch"]} if isinstance(values["epoch"], float) else None
-        self.last_save = self.manager.save(step, training_state, metadata=metadata)
-        self.saved_steps.append(step)
+        self._record(step, self.manager.save(step, training_state, metadata=metadata))
         logger.debug("saved a checkpoint at global step %d", step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

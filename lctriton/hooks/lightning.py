@@ -57,7 +57,8 @@ except ImportError:
 
 import torch
 
-from lctriton.manager import CheckpointManager, Restored, SaveHandle
+from lctriton.hooks._core import CallbackCore
+from lctriton.manager import CheckpointManager, Restored
 from lctriton.state import capture_rng, restore_rng
 
 __all__ = ["LctritonCheckpoint", "LIGHTNING_STATE_FORMAT", "LIGHTNING_STATE_VERSION"]
@@ -76,7 +77,7 @@ def _loss_value(outputs: Any) -> float | None:
     return None
 
 
-class LctritonCheckpoint(pl.Callback):
+class LctritonCheckpoint(CallbackCore, pl.Callback):
     """Save lctriton checkpoints from a Lightning ``Trainer.fit`` run.
 
     Args:
@@ -110,23 +111,12 @@ class LctritonCheckpoint(pl.Callback):
         rng: bool = True,
     ) -> None:
         super().__init__()
-        if not all(hasattr(manager, m) for m in ("save", "should_save", "restore", "wait")):
-            raise TypeError(f"manager must be a CheckpointManager, got {type(manager).__name__}")
-        n = every_n_train_steps
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"every_n_train_steps must be a positive int or None, got {n!r}")
-        for name, value in (("save_optimizer", save_optimizer), ("resume", resume), ("rng", rng)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        self.manager = manager
-        self.every_n_train_steps = every_n_train_steps
-        self.save_optimizer = save_optimizer
-        self.resume = resume
-        self.rng = rng
-        self.last_save: SaveHandle | None = None
-        self.saved_steps: list[int] = []
-        self.restored: Restored | None = None
-        self._last_seen = -1
+        self._init_core(manager, every_n_train_steps, "every_n_train_steps", save_optimizer, resume, rng)
+
+    @property
+    def every_n_train_steps(self) -> int | None:
+        """Save every this many optimizer steps (None: the manager decides)."""
+        return self.every
 
     # ------------------------------------------------------------------ hooks
 
@@ -141,24 +131,12 @@ class LctritonCheckpoint(pl.Callback):
     ) -> None:
         """Save when a checkpoint is due at ``trainer.global_step``."""
         step = trainer.global_step
-        # With gradient accumulation several batches end at the same step: decide once.
-        if step <= self._last_seen:
+        if not self._due(step, trainer.is_global_zero, lambda: _loss_value(outputs)):
             return
-        self._last_seen = step
-        if not trainer.is_global_zero:
-            return
-        if self.every_n_train_steps is not None:
-            due = step % self.every_n_train_steps == 0
-        else:
-            # Reading the loss waits for the device, so only when a schedule can use it.
-            scheduled = getattr(self.manager, "schedule", None) is not None
-            due = self.manager.should_save(step, _loss_value(outputs) if scheduled else None)
-        if not due:
-            return
-        self.last_save = self.manager.save(
+        handle = self.manager.save(
             step, self._state(trainer, pl_module, step), metadata={"epoch": trainer.current_epoch}
         )
-        self.saved_steps.append(step)
+        self._record(step, handle)
         logger.debug("saved a checkpoint at global step %d", step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
