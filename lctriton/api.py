@@ -49,7 +49,8 @@ class Compressed:
         if encoded is not None:
             self.raw_nbytes = encoded.raw_nbytes
         else:
-            assert container is not None
+            if container is None:
+                raise ValueError("Compressed needs an encoded state or a container (use compress or from_bytes)")
             shapes = pipeline.validate_index(container.index)
             self.raw_nbytes = sum(n * torch.empty(0, dtype=d).element_size() for d, _, n in shapes)
 
