@@ -176,6 +176,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schedule_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from lctriton import schedule
+
+    trace = None
+    if args.failure_trace:
+        trace = [float(tok) for line in Path(args.failure_trace).read_text().splitlines()
+                 for tok in line.split("#")[0].replace(",", " ").split()]
+    mtbf = (float(np.mean(np.diff([0.0] + trace))) if trace
+            else schedule._check_positive("--mtbf-hours", args.mtbf_hours) * 3600)
+    if args.loss_log:
+        # One loss per line, or "step loss" pairs; interpolated onto steps 1..N.
+        rows = [[float(t) for t in line.replace(",", " ").split()]
+                for line in Path(args.loss_log).read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+        if not rows:
+            raise ValueError(f"--loss-log {args.loss_log}: no losses")
+        xs = [r[0] if len(r) > 1 else i + 1 for i, r in enumerate(rows)]
+        ys = [r[-1] for r in rows]
+        curve = np.interp(np.arange(1, args.steps + 1), xs, ys)
+        label = f"log {args.loss_log}"
+    else:
+        spec = args.loss_curve or f"exp:0.1,2.0,{5.0 / args.steps:g}"
+        kind, _, params = spec.partition(":")
+        try:
+            a, b, c = (float(v) for v in params.split(","))
+        except ValueError:
+            raise ValueError(f"--loss-curve must be exp:a,b,c, got {spec!r}") from None
+        if kind != "exp":
+            raise ValueError(f"--loss-curve must be exp:a,b,c, got {spec!r}")
+        curve = a + b * np.exp(-c * np.arange(1, args.steps + 1))
+        label = f"{a:g} + {b:g}·exp(-{c:g}·step)"
+    every = args.every or max(1, args.steps // 20)
+    policies = [
+        schedule.EveryNSteps(every),
+        schedule.EveryTSeconds(args.every_seconds),
+        schedule.YoungDaly(mtbf, formula="young"),
+        schedule.YoungDaly(mtbf, restart_seconds=args.restart_seconds),
+        schedule.Adaptive(args.budget),
+        schedule.ConvergenceAware(args.quantum, mtbf_seconds=mtbf),
+    ]
+    results = schedule.simulate(
+        policies, steps=args.steps, step_seconds=args.step_seconds,
+        checkpoint_seconds=args.checkpoint_seconds,
+        mtbf_seconds=None if trace else mtbf, failure_trace=trace, loss_curve=curve,
+        restart_seconds=args.restart_seconds, trials=args.trials, seed=args.seed)
+    useful = args.steps * args.step_seconds
+    print(f"{args.steps} steps x {args.step_seconds:g} s = {useful / 3600:.3f} h of compute; "
+          f"checkpoint {args.checkpoint_seconds:g} s; "
+          + (f"failure trace {args.failure_trace} (mean gap {mtbf / 3600:.2f} h)" if trace
+             else f"MTBF {mtbf / 3600:g} h")
+          + f"; loss {label}; {args.trials} trials, seed {args.seed}")
+    print(f"Daly's interval: {schedule.daly_interval(args.checkpoint_seconds, mtbf):.0f} s, "
+          f"Young's: {schedule.young_interval(args.checkpoint_seconds, mtbf):.0f} s\n")
+    print(schedule.format_results(results))
+    if args.plot:
+        path = schedule.plot_simulation(results, args.plot, steps=args.steps, loss_curve=curve)
+        print(f"\nplot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lctriton`` command."""
     parser = argparse.ArgumentParser(
@@ -246,6 +310,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write demo.png")
     progress_flag(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("schedule", help="checkpoint scheduling policies",
+                       description="Compare when-to-checkpoint policies.")
+    ssub = p.add_subparsers(dest="schedule_command", required=True, metavar="SUBCOMMAND")
+    p = ssub.add_parser("simulate",
+                        help="Monte Carlo failures: lost work, overhead and total time per policy",
+                        description="Run seeded Monte Carlo failures for every N steps, every T "
+                                    "seconds, Young, Daly, adaptive (CheckFreq) and "
+                                    "convergence-aware (COCI, scale-free) policies; print expected "
+                                    "lost work, overhead and total time, and plot them.")
+    p.add_argument("--steps", type=int, default=10000, help="training steps (default 10000)")
+    p.add_argument("--step-seconds", type=float, default=0.5, help="seconds per step (default 0.5)")
+    p.add_argument("--checkpoint-seconds", type=float, default=20.0,
+                   help="seconds a checkpoint blocks training (default 20)")
+    p.add_argument("--mtbf-hours", type=float, default=4.0,
+                   help="mean time between failures in hours (default 4)")
+    p.add_argument("--failure-trace", metavar="FILE",
+                   help="failure times in seconds, one per line (replaces --mtbf-hours)")
+    p.add_argument("--restart-seconds", type=float, default=0.0, help="cost of each restart")
+    curve = p.add_mutually_exclusive_group()
+    curve.add_argument("--loss-log", metavar="FILE",
+                       help="loss per line, or 'step loss' per line")
+    curve.add_argument("--loss-curve", metavar="exp:A,B,C",
+                       help="loss = A + B*exp(-C*step) (default exp:0.1,2,5/steps)")
+    p.add_argument("--every", type=int, help="the fixed-interval policy's steps (default steps/20)")
+    p.add_argument("--every-seconds", type=float, default=1800.0,
+                   help="the fixed-time policy's seconds (default 1800)")
+    p.add_argument("--budget", type=float, default=0.05,
+                   help="the adaptive policy's overhead budget (default 0.05)")
+    p.add_argument("--quantum", type=float, default=0.02,
+                   help="the convergence-aware policy's progress per checkpoint (default 0.02)")
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
+    p.set_defaults(func=_cmd_schedule_simulate)
     return parser
 
 
