@@ -225,3 +225,40 @@ def test_cli_schedule_simulate(tmp_path, capsys):
                      "--trials", "10"]) == 0
     assert cli.main(["schedule", "simulate", "--loss-curve", "bad"]) == 1
     assert "--loss-curve" in capsys.readouterr().err
+
+
+def test_adaptive_budget_holds_with_a_real_manager_on_a_slow_disk(tmp_path, monkeypatch):
+    """A real CheckpointManager (synchronous, so every save blocks for its write) on a disk
+    that gets slower, driven by a training loop with a real 4 ms step: the fraction of wall
+    time spent blocked in saves stays under the adaptive policy's 20% budget."""
+    import time
+
+    import torch
+
+    import lctriton
+    from lctriton import CheckpointManager
+    from lctriton.schedule import Adaptive
+
+    delay = {"s": 0.01}
+    real = lctriton.api.write_atomic
+
+    def slow_disk(path, source, fsync=True):
+        time.sleep(delay["s"])
+        return real(path, source, fsync=False)
+
+    monkeypatch.setattr(lctriton.api, "write_atomic", slow_disk)
+    policy = Adaptive(budget=0.2)
+    state = {"w": torch.zeros(1000)}
+    start = time.perf_counter()
+    with CheckpointManager(tmp_path, schedule=policy, async_save=False, fsync=False, keep_last=2) as manager:
+        for step in range(1, 601):
+            time.sleep(0.004)  # the training step
+            state["w"] += 1
+            if step == 300:
+                delay["s"] = 0.06  # the disk slows down six-fold
+            if manager.should_save(step):
+                manager.save(step, state)
+        stalls = list(manager.stall_seconds)
+    elapsed = time.perf_counter() - start
+    assert len(stalls) >= 5
+    assert sum(stalls) / elapsed <= 0.2, (sum(stalls), elapsed)
