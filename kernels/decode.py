@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-
-from lctriton.huffman import MAX_CODE_LENGTH, decode_table
 from lctriton.kernels._runtime import DTYPE_KIND, check_device
 from lctriton.kernels.encode import reconstruct
 from lctriton.kernels.reference import LcStream, chunk_word_offsets
+
+from lctriton.huffman import MAX_CODE_LENGTH, decode_table
 
 __all__ = ["lc_decode"]
 

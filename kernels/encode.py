@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-
-from lctriton.huffman import canonical_codes
 from lctriton.kernels._runtime import DTYPE_KIND, check_pair
 from lctriton.kernels.histogram import NUM_FINE_KEYS, delta_f32, fine_keys, widen_bf16
+
+from lctriton.huffman import canonical_codes
 
 __all__ = ["lc_encode", "reconstruct", "is_nonfinite"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from lctriton.kernels._runtime import DTYPE_KIND, check_pair, perf_configs
 
 __all__ = ["NUM_FINE_KEYS", "lc_histogram"]

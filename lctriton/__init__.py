@@ -7,8 +7,6 @@ on the CPU, and a container format that never unpickles.
 
 from lctriton.api import Compressed, compress, decompress, inspect, load, save
 from lctriton.config import CodecOptions
-from lctriton.manager import CheckpointInfo, CheckpointManager, ManifestError, Restored, SaveHandle
-from lctriton.state import DataPosition, ResumableSampler, Stateful, TrainingState, capture_rng, restore_rng
 from lctriton.errors import (
     BaseMismatchError,
     ChecksumError,
@@ -17,6 +15,15 @@ from lctriton.errors import (
     TruncatedError,
     UnknownCodecError,
     VersionError,
+)
+from lctriton.manager import CheckpointInfo, CheckpointManager, ManifestError, Restored, SaveHandle
+from lctriton.state import (
+    DataPosition,
+    ResumableSampler,
+    Stateful,
+    TrainingState,
+    capture_rng,
+    restore_rng,
 )
 
 __version__ = "0.1.0"

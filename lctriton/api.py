@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from lctriton import codecs, format as fmt, pipeline
+from lctriton import codecs, pipeline
+from lctriton import format as fmt
 from lctriton.config import CodecOptions
 
 __all__ = ["Compressed", "compress", "decompress", "save", "load", "inspect"]

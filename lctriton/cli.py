@@ -65,7 +65,9 @@ def _read_state(path: str) -> Any:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise SystemExit("error: reading .safetensors needs the safetensors package: pip install safetensors")
+            raise SystemExit(
+                "error: reading .safetensors needs the safetensors package: pip install safetensors"
+            ) from None
         return load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -24,8 +24,8 @@ import collections
 import fnmatch
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -552,8 +552,8 @@ def decode_state(
                 raise FormatError(f"corrupt stream among tensors {names}: {exc}") from None
 
         with ThreadPoolExecutor(len(work)) if len(work) > 1 else _Inline() as pool:
-            for (chunk, dev, entries), outs in zip(work, pool.map(decode_group, work)):
-                for (i, item, exc_index, exc_values), out in zip(entries, outs):
+            for (_, _, entries), outs in zip(work, pool.map(decode_group, work)):
+                for (i, _, exc_index, exc_values), out in zip(entries, outs):
                     dtype, shape, numel = shapes[i]
                     if exc_index.size:
                         values = torch.frombuffer(bytearray(exc_values.tobytes()), dtype=dtype)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from lctriton.kernels import reference
 
 import lctriton
 from lctriton import backend, pipeline
-from lctriton.kernels import reference
 
 
 def test_cpu_tensors_use_the_reference(monkeypatch):

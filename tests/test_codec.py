@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from lctriton.kernels import reference
 
 import lctriton
 from lctriton import codecs
-from lctriton.kernels import reference
 from lctriton.testing import assert_bit_exact, bits, special_values, ulp
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

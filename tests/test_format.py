@@ -30,8 +30,8 @@ import re
 import struct
 import sys
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -909,7 +909,7 @@ def test_every_truncation(golden):
     _, base, data, _ = golden
     for n in range(len(data)):
         cut = data[:n]
-        for call in (lambda: lctriton.decompress(cut, base=base), lambda: lctriton.inspect(cut)):
+        for call in (lambda c=cut: lctriton.decompress(c, base=base), lambda c=cut: lctriton.inspect(c)):
             try:
                 call()
             except TruncatedError:

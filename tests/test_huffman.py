@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from lctriton.kernels import reference
 
 from lctriton import huffman
-from lctriton.kernels import reference
 
 histograms = st.lists(st.integers(min_value=0, max_value=10**9), min_size=2, max_size=256).filter(
     lambda c: sum(1 for v in c if v) >= 2

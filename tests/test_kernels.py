@@ -8,10 +8,10 @@ non-contiguous view, special values. The ``gpu`` tests repeat them at large size
 import numpy as np
 import pytest
 import torch
+from lctriton.kernels import decode, encode, histogram, reference, triton_codec
 
 import lctriton
 from lctriton import backend, codecs, huffman
-from lctriton.kernels import decode, encode, histogram, reference, triton_codec
 from lctriton.testing import assert_bit_exact, special_values
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -31,7 +31,8 @@ import pytest
 import torch
 
 import lctriton
-from lctriton import api, manager as manager_module
+from lctriton import api
+from lctriton import manager as manager_module
 from lctriton.errors import FormatError, LctError
 from lctriton.manager import MANIFEST, CheckpointManager
 

@@ -10,7 +10,6 @@ the manager's latest restore point into fresh objects:
   1 point (measured: identical).
 """
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
