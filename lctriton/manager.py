@@ -731,7 +731,9 @@ class CheckpointManager:
         target = self._resolve(which)
         with self._lock:
             chain = self._chain(target)
-        if target == self._base_step and self._base is not None and device is None:
+        head_devices = {t.device for t in _tensors(self._base)} if self._base is not None else set()
+        wanted = torch.device(device) if device is not None else torch.device("cpu")
+        if target == self._base_step and self._base is not None and head_devices <= {wanted}:
             # The chain head is in memory already: no file to decode.
             step, state, error, bad = target, _snapshot(self._base, {}), None, None
         else:
