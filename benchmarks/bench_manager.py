@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import lctriton
 from lctriton import examples
 from lctriton.manager import CheckpointManager
+from lctriton.testing import status_kib
 
 WORKLOADS = ["mlp-12.6M", "minilm-22.7M"]
 STALL_TARGET = 0.25  # of a synchronous torch.save + fsync
@@ -228,17 +229,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 class _HostPeak:
     """Peak growth of host memory over a block: the resident set's high-water mark (reset via
     ``/proc/self/clear_refs`` when allowed, else sampled every millisecond) and the active bytes
@@ -257,7 +247,7 @@ class _HostPeak:
         if self.cuda:
             torch.cuda.reset_peak_host_memory_stats()
             self._pinned0 = self._pinned("active_bytes.current")
-        self._rss0 = (_status_kib("VmRSS") or 0) * 1024
+        self._rss0 = (status_kib("VmRSS") or 0) * 1024
         self._stop = threading.Event()
         self._sampled = self._rss0
         try:
@@ -273,7 +263,7 @@ class _HostPeak:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self._sampled = max(self._sampled, (_status_kib("VmRSS") or 0) * 1024)
+            self._sampled = max(self._sampled, (status_kib("VmRSS") or 0) * 1024)
 
     def __exit__(self, *exc: Any) -> None:
         if self._thread is not None:
@@ -281,7 +271,7 @@ class _HostPeak:
             self._thread.join()
             peak = self._sampled
         else:
-            peak = (_status_kib("VmHWM") or 0) * 1024
+            peak = (status_kib("VmHWM") or 0) * 1024
         self.rss_bytes = max(0, peak - self._rss0)
         if self.cuda:
             self.pinned_bytes = max(0, self._pinned("active_bytes.peak") - self._pinned0)

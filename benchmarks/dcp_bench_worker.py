@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from typing import Any
 
@@ -31,41 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lctriton.dcp import CompressedStorageReader, CompressedStorageWriter
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class _Peak:
-    """Peak resident-memory growth (bytes) over a ``with`` block."""
-
-    def __enter__(self) -> _Peak:
-        self.source = "VmHWM after clear_refs"
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.source = "ru_maxrss growth"
-        self.rss0 = _status_kib("VmRSS")
-        self.maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if self.source.startswith("VmHWM") and (self.rss0 is None or _status_kib("VmHWM") is None):
-            self.source = "ru_maxrss growth"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.source.startswith("VmHWM"):
-            self.bytes = max(0, (_status_kib("VmHWM") or 0) - (self.rss0 or 0)) * 1024
-        else:
-            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.maxrss0
-            self.bytes = max(0, grown) * 1024
+from lctriton.testing import ResidentPeak
 
 
 def _shard(full: dict[str, torch.Tensor], mesh) -> dict[str, Any]:
@@ -154,7 +119,7 @@ def run(rank: int, ws: int, tmp: str, state_file: str) -> None:
         try:
             # t1 first (also a warm-up of the code path); lctriton writes it as its key.
             s1 = _timed(dcp.save, t1, storage_writer=writer(d1, None))
-            with _Peak() as peak:
+            with ResidentPeak() as peak:
                 s2 = _timed(dcp.save, t2, storage_writer=writer(d2, d1))
             target = _fresh(t2)
             ld = _timed(dcp.load, target, storage_reader=reader(d2))

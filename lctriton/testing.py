@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import resource
+from typing import Any
+
 import torch
 
-__all__ = ["bits", "assert_bit_exact", "special_values", "ulp"]
+__all__ = ["bits", "assert_bit_exact", "special_values", "ulp", "status_kib", "ResidentPeak"]
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -63,3 +66,45 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
     t64 = t.detach().cpu().to(torch.float64).abs()
     exp = torch.floor(torch.log2(torch.clamp(t64, min=info.tiny)))
     return torch.exp2(exp - mantissa)
+
+
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``...), or None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class ResidentPeak:
+    """Growth of the resident set's peak (bytes) over a ``with`` block.
+
+    The high-water mark is reset by writing 5 to ``/proc/self/clear_refs`` when the kernel
+    allows it (``source`` is then ``"VmHWM after clear_refs"``); otherwise the growth of
+    ``ru_maxrss``, which never resets and can read 0 (``source`` says so). It counts every
+    resident page of the process, allocator caches included.
+    """
+
+    def __enter__(self) -> ResidentPeak:
+        self.source = "VmHWM after clear_refs"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.source = "ru_maxrss growth"
+        self.rss0 = status_kib("VmRSS")
+        self.maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if self.source.startswith("VmHWM") and (self.rss0 is None or status_kib("VmHWM") is None):
+            self.source = "ru_maxrss growth"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.source.startswith("VmHWM"):
+            self.bytes = max(0, (status_kib("VmHWM") or 0) - (self.rss0 or 0)) * 1024
+        else:
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.maxrss0
+            self.bytes = max(0, grown) * 1024
