@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import lctriton
 from lctriton import examples
 from lctriton.manager import CheckpointManager
-from lctriton.testing import status_kib
+from lctriton.testing import status_kib, time_torch_save
 
 WORKLOADS = ["mlp-12.6M", "minilm-22.7M"]
 STALL_TARGET = 0.25  # of a synchronous torch.save + fsync
@@ -124,19 +124,7 @@ def _nbytes(state: Any) -> int:
     return 0
 
 
-def _torch_save_seconds(directory: Path, state: Any, reps: int) -> list[float]:
-    """Synchronous ``torch.save`` + flush + fsync of ``state`` to a new file in ``directory``."""
-    times = []
-    for i in range(reps):
-        path = directory / f"torch-save-reference-{i}.pt"
-        t0 = time.perf_counter()
-        with open(path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        times.append(time.perf_counter() - t0)
-        path.unlink()
-    return times
+
 
 
 def _env(benchmark) -> None:
@@ -183,7 +171,7 @@ def test_save_stall_cpu(benchmark, name, tmp_path):
         manager.wait()
         infos = [h.result() for h in handles]
         state = run.state(step)
-        reference = _torch_save_seconds(directory, state, 1 if small else 5)
+        reference = time_torch_save(directory, state, 1 if small else 5)
     finally:
         manager.close()
 

@@ -39,6 +39,8 @@ import torch
 
 from lctriton import examples
 from lctriton.manager import CheckpointManager
+from lctriton.pipeline import iter_tensors
+from lctriton.testing import time_torch_save
 
 try:  # the whole training state; a model + optimizer + step dict without it
     from lctriton.state import TrainingState
@@ -371,8 +373,8 @@ def run_demo(
         for info in manager.checkpoints():
             rows[info.step].tags = info.tags
         final_loss, final_accuracy = work.evaluate(model)
-        torch_save_s = _time_torch_save(out, gather(step))
-        state_nbytes = sum(t.numel() * t.element_size() for t in _tensors(gather(step)))
+        torch_save_s = time_torch_save(out, gather(step), _TORCH_SAVE_REPS)
+        state_nbytes = sum(t.numel() * t.element_size() for t in iter_tensors(gather(step)))
     finally:
         if bar is not None:
             bar.close()
@@ -416,34 +418,6 @@ def _failure(loss: float, recent: list[float]) -> str | None:
     if len(recent) >= 10 and loss > _SPIKE_FACTOR * statistics.median(recent) + 1.0:
         return "loss spike"
     return None
-
-
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def _time_torch_save(directory: Path, state: Any) -> list[float]:
-    """Seconds of synchronous ``torch.save`` + flush + fsync of ``state`` into ``directory``."""
-    path = directory / "torch-save-reference.pt"
-    times = []
-    try:
-        for _ in range(_TORCH_SAVE_REPS):
-            t0 = time.perf_counter()
-            with open(path, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            times.append(time.perf_counter() - t0)
-    finally:
-        path.unlink(missing_ok=True)
-    return times
 
 
 def _restore_all(out: Path, rows: dict[int, CheckpointRow], originals: dict, seed: int) -> None:

@@ -48,6 +48,7 @@ import torch
 from lctriton import api
 from lctriton.config import CodecOptions
 from lctriton.errors import FormatError, LctError
+from lctriton.pipeline import iter_tensors
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "SaveHandle", "Restored", "ManifestError"]
 
@@ -182,17 +183,6 @@ class _StagingBudget:
         with self._cond:
             self.used -= n
             self._cond.notify_all()
-
-
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def _snapshot(obj: Any, memo: dict[int, torch.Tensor]) -> Any:
@@ -469,7 +459,7 @@ class CheckpointManager:
         metadata = dict(metadata or {})
         self._last_step = step
         handle = SaveHandle(step)
-        on_device = any(t.device.type != "cpu" for t in _tensors(state))
+        on_device = any(t.device.type != "cpu" for t in iter_tensors(state))
         if on_device:
             # Compress on the GPU now: only compressed bytes reach the host, and the
             # caller may mutate the state as soon as the kernels have read it. Saves of
@@ -486,7 +476,7 @@ class CheckpointManager:
             self._budget.acquire(nbytes)
             job["staged_bytes"] = nbytes
         else:
-            nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+            nbytes = sum(t.numel() * t.element_size() for t in iter_tensors(state))
             self._budget.acquire(nbytes)
             try:
                 snapshot = _snapshot(state, {})
@@ -731,7 +721,7 @@ class CheckpointManager:
         target = self._resolve(which)
         with self._lock:
             chain = self._chain(target)
-        head_devices = {t.device for t in _tensors(self._base)} if self._base is not None else set()
+        head_devices = {t.device for t in iter_tensors(self._base)} if self._base is not None else set()
         wanted = torch.device(device) if device is not None else torch.device("cpu")
         if target == self._base_step and self._base is not None and head_devices <= {wanted}:
             # The chain head is in memory already: no file to decode.

@@ -24,7 +24,7 @@ import collections
 import fnmatch
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +37,7 @@ from lctriton.errors import BaseMismatchError, FormatError
 from lctriton.format import Container
 from lctriton.kernels import reference
 
-__all__ = ["EncodedState", "encode_state", "decode_state", "flatten_tensors", "tensor_names"]
+__all__ = ["EncodedState", "encode_state", "decode_state", "flatten_tensors", "iter_tensors", "tensor_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,18 @@ def _valid_key(key: Any) -> bool:
     if isinstance(key, tuple):  # plain tuples only: a torch.Size key would become a "size" node
         return type(key) is tuple and all(_valid_key(k) for k in key)
     return isinstance(key, (str, int, float, bool, type(None)))
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a state (dicts, lists and tuples walked depth first)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_tensors(v)
 
 
 def flatten_tensors(obj: Any) -> dict[str, torch.Tensor]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["bits", "assert_bit_exact", "special_values", "ulp", "status_kib", "ResidentPeak"]
+__all__ = ["bits", "assert_bit_exact", "special_values", "ulp", "status_kib", "ResidentPeak", "time_torch_save"]
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -108,3 +111,21 @@ class ResidentPeak:
         else:
             grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.maxrss0
             self.bytes = max(0, grown) * 1024
+
+
+def time_torch_save(directory: str | os.PathLike[str], state: Any, reps: int = 3) -> list[float]:
+    """Seconds of each of ``reps`` synchronous ``torch.save`` + flush + fsync of ``state`` to a
+    new file in ``directory``: the baseline a checkpoint's stall is compared with."""
+    times = []
+    for i in range(reps):
+        path = Path(directory) / f"torch-save-reference-{i}.pt"
+        try:
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            times.append(time.perf_counter() - t0)
+        finally:
+            path.unlink(missing_ok=True)
+    return times
