@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -48,76 +46,20 @@ import torch
 from lctriton import api
 from lctriton.config import CodecOptions
 from lctriton.errors import FormatError, LctError
+from lctriton.manifest import (
+    FILE_PATTERN,
+    CheckpointInfo,
+    Manifest,
+    ManifestError,
+    check_manager_options,
+    check_positive_int,
+    open_store,
+)
 from lctriton.pipeline import iter_tensors
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "SaveHandle", "Restored", "ManifestError"]
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-_FILE_RE = re.compile(r"^step-(\d{12})(-m\d+)?\.lct$")
-
-
-class ManifestError(FormatError):
-    """The manifest of a checkpoint directory is not valid."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed restore point.
-
-    Attributes:
-        step: Training step it was saved at.
-        file: File name within the manager's directory.
-        kind: ``"key"`` (stored on its own) or ``"delta"`` (against ``base_step``).
-        base_step: The restore point a delta was coded against.
-        tags: Names given to it with :meth:`CheckpointManager.tag`.
-        nbytes: File size.
-        raw_nbytes: Bytes of the state's tensors in memory.
-        time: Unix time it became durable.
-        metadata: The caller's metadata.
-    """
-
-    step: int
-    file: str
-    kind: str
-    base_step: int | None
-    tags: tuple[str, ...]
-    nbytes: int
-    raw_nbytes: int
-    time: float
-    metadata: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["tags"] = list(self.tags)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Any) -> CheckpointInfo:
-        if not isinstance(d, dict):
-            raise ManifestError(f"manifest entry {d!r} is not an object")
-        try:
-            info = cls(
-                step=d["step"], file=d["file"], kind=d["kind"], base_step=d["base_step"],
-                tags=tuple(d["tags"]), nbytes=d["nbytes"], raw_nbytes=d["raw_nbytes"],
-                time=d["time"], metadata=d["metadata"],
-            )
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"manifest entry is missing or mistypes a field: {exc}") from None
-        if (
-            not isinstance(info.step, int)
-            or info.step < 0
-            or info.kind not in ("key", "delta")
-            or not isinstance(info.file, str)
-            or not _FILE_RE.match(info.file)
-            or (info.kind == "delta") != isinstance(info.base_step, int)
-            or not all(isinstance(t, str) for t in info.tags)
-            or not isinstance(info.metadata, dict)
-        ):
-            raise ManifestError(f"manifest entry for step {d.get('step')!r} is inconsistent")
-        return info
-
 
 class SaveHandle:
     """What :meth:`CheckpointManager.save` returns.
@@ -242,13 +184,10 @@ class CheckpointManager:
         schedule: Any = None,
         **codec_options: Any,
     ) -> None:
-        for name, value, low in (("key_every", key_every, 1), ("keep_last", keep_last, 1), ("staging_bytes", staging_bytes, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if max_chain_bytes is not None and (not isinstance(max_chain_bytes, int) or max_chain_bytes < 0):
-            raise ValueError(f"max_chain_bytes must be a non-negative int or None, got {max_chain_bytes!r}")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive int or None, got {every!r}")
+        check_manager_options(key_every, max_chain_bytes, keep_last)
+        check_positive_int("staging_bytes", staging_bytes)
+        if every is not None:
+            check_positive_int("every", every)
         CodecOptions.from_kwargs(**codec_options)  # fail here, not in the background
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -261,7 +200,7 @@ class CheckpointManager:
         self.schedule = schedule
         self.codec_options = dict(codec_options)
         self._lock = threading.RLock()
-        self._entries: dict[int, CheckpointInfo] = {}
+        self._manifest = Manifest(open_store(self.directory), layout="files", name_pattern=FILE_PATTERN, fsync=fsync)
         self._budget = _StagingBudget(staging_bytes)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lctriton-save")
         self._pending: list[SaveHandle] = []
@@ -275,76 +214,28 @@ class CheckpointManager:
         self.stall_seconds: list[float] = []
         #: Seconds the background spent on each save (compress + write).
         self.background_seconds: list[float] = []
-        self._load_manifest()
+        self._manifest.load()
+        if self._manifest.entries:
+            self._last_step = max(self._manifest.entries)
         self._clean_directory()
 
     # ------------------------------------------------------------------ manifest
 
-    def _manifest_path(self) -> Path:
-        return self.directory / MANIFEST
-
-    def _load_manifest(self) -> None:
-        path = self._manifest_path()
-        if not path.exists():
-            return
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ManifestError(f"{path} is not a readable manifest: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != "lctriton-manifest" or data.get("version") != 1:
-            raise ManifestError(f"{path} is not an lctriton manifest of version 1")
-        entries = data.get("checkpoints")
-        if not isinstance(entries, list):
-            raise ManifestError(f"{path} has no checkpoint list")
-        for raw in entries:
-            info = CheckpointInfo.from_json(raw)
-            if info.step in self._entries:
-                raise ManifestError(f"{path} lists step {info.step} twice")
-            self._entries[info.step] = info
-        for info in self._entries.values():
-            if info.kind == "delta" and info.base_step not in self._entries:
-                raise ManifestError(f"{path}: step {info.step} is a delta against step {info.base_step}, which it does not list")
-        if self._entries:
-            self._last_step = max(self._entries)
+    @property
+    def _entries(self) -> dict[int, CheckpointInfo]:
+        """The committed restore points (replaced, never mutated, by a commit)."""
+        return self._manifest.entries
 
     def _commit_manifest(self, entries: dict[int, CheckpointInfo] | None = None) -> None:
-        """Write the manifest atomically (called with the lock held), then adopt ``entries``.
-
-        Args:
-            entries: The restore points to commit; the current ones when None. They become
-                the manager's only once they are on storage: a failed commit leaves the
-                manager with what the manifest on disk says.
-        """
-        entries = self._entries if entries is None else entries
-        data = {
-            "format": "lctriton-manifest",
-            "version": 1,
-            "checkpoints": [entries[s].to_json() for s in sorted(entries)],
-        }
-        tmp = self.directory / f".{MANIFEST}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, self._manifest_path())
-        except BaseException:
-            self._unlink(tmp)
-            raise
-        if self.fsync:
-            api.fsync_dir(self.directory)
-        self._entries = entries
+        """Commit ``entries`` (default: the current ones) with the lock held."""
+        self._manifest.commit(entries)
 
     def _clean_directory(self) -> None:
         """Remove temporary files and checkpoint files no manifest entry names."""
-        named = {info.file for info in self._entries.values()}
-        for p in self.directory.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
-                self._unlink(p)
-            elif _FILE_RE.match(p.name) and p.name not in named:
-                logger.info("removing %s: no committed restore point names it", p)
-                self._unlink(p)
+        for name in self._manifest.stray_names():
+            if FILE_PATTERN.match(name):
+                logger.info("removing %s: no committed restore point names it", self.directory / name)
+            self._unlink(self.directory / name)
 
     @staticmethod
     def _unlink(path: Path) -> None:
@@ -379,30 +270,11 @@ class CheckpointManager:
 
     def _chain(self, step: int) -> list[CheckpointInfo]:
         """Restore points from the key to ``step``, in decode order."""
-        chain = []
-        info = self._entries[step]
-        while True:
-            chain.append(info)
-            if info.kind == "key":
-                return chain[::-1]
-            info = self._entries[info.base_step]
+        return self._manifest.chain(step)
 
     def _resolve(self, which: int | str) -> int:
         with self._lock:
-            if which == "latest":
-                if not self._entries:
-                    raise LookupError(f"no checkpoint in {self.directory}")
-                return max(self._entries)
-            if isinstance(which, str):
-                for info in self._entries.values():
-                    if which in info.tags:
-                        return info.step
-                raise LookupError(f"no checkpoint is tagged {which!r} in {self.directory}")
-            if isinstance(which, bool) or not isinstance(which, int):
-                raise TypeError(f"which must be 'latest', a step or a tag, got {which!r}")
-            if which not in self._entries:
-                raise LookupError(f"no checkpoint at step {which} in {self.directory}")
-            return which
+            return self._manifest.resolve(which)
 
     # ------------------------------------------------------------------ saving
 
@@ -502,15 +374,7 @@ class CheckpointManager:
         if forced or self._base is None:
             return True
         with self._lock:
-            chain = self._chain(self._base_step) if self._base_step in self._entries else []
-        if len(chain) >= self.key_every:
-            return True
-        if len(chain) > 1:
-            deltas = sum(info.nbytes for info in chain[1:])
-            limit = chain[0].nbytes if self.max_chain_bytes is None else self.max_chain_bytes
-            if deltas > limit:
-                return True
-        return False
+            return self._manifest.want_key(self._base_step, self.key_every, self.max_chain_bytes)
 
     def _encode(self, step: int, state: Any, metadata: dict, forced_key: bool) -> dict:
         kind = "key" if self._want_key(forced_key) else "delta"
@@ -580,29 +444,13 @@ class CheckpointManager:
             self._unlink(p)
         return info
 
-    def _untag(self, name: str, entries: dict[int, CheckpointInfo] | None = None) -> None:
-        entries = self._entries if entries is None else entries
-        for s, info in list(entries.items()):
-            if name in info.tags:
-                entries[s] = dataclasses.replace(info, tags=tuple(t for t in info.tags if t != name))
+    def _untag(self, name: str, entries: dict[int, CheckpointInfo]) -> None:
+        Manifest.untag(entries, name)
 
-    def _retention(self, entries: dict[int, CheckpointInfo] | None = None) -> list[Path]:
-        """Drop from ``entries`` (default: the manager's) the points no kept restore point
-        needs; return their files, to delete after the manifest commit (lock held)."""
-        entries = self._entries if entries is None else entries
-        steps = sorted(entries)
-        keep = set(steps[-self.keep_last :]) | {s for s in steps if entries[s].tags}
-        if self._base_step in entries:
-            keep.add(self._base_step)  # the chain head the next delta builds on
-        needed = set()
-        for s in keep:
-            info = entries[s]
-            while True:
-                needed.add(info.step)
-                if info.kind == "key":
-                    break
-                info = entries[info.base_step]
-        return [self.directory / entries.pop(s).file for s in steps if s not in needed]
+    def _retention(self, entries: dict[int, CheckpointInfo]) -> list[Path]:
+        """Drop from ``entries`` the points no kept restore point needs; return their files,
+        to delete after the manifest commit (lock held)."""
+        return [self.directory / name for name in self._manifest.retention(entries, self.keep_last, self._base_step)]
 
     def wait(self) -> None:
         """Block until every pending save is durable.
@@ -747,7 +595,7 @@ class CheckpointManager:
         if discard_later:
             with self._lock:
                 entries = dict(self._entries)
-                doomed = [self.directory / entries.pop(s).file for s in list(entries) if s > step]
+                doomed = [self.directory / name for name in self._manifest.later_than(entries, step)]
                 self._commit_manifest(entries)
             for p in doomed:
                 self._unlink(p)

@@ -32,9 +32,10 @@ import torch
 
 import lctriton
 from lctriton import api
-from lctriton import manager as manager_module
+from lctriton import manifest as manifest_module
 from lctriton.errors import FormatError, LctError
-from lctriton.manager import MANIFEST, CheckpointManager
+from lctriton.manager import CheckpointManager
+from lctriton.manifest import MANIFEST
 
 CHILD = Path(__file__).with_name("crash_child.py")
 _spec = importlib.util.spec_from_file_location("crash_child", CHILD)
@@ -484,8 +485,8 @@ def _fail_manifest_commit(monkeypatch, how: str):
 
         monkeypatch.setattr(os, "replace", replace)
     else:
-        # The manager opens its manifest's temporary file with the builtin open; a module
-        # global of that name shadows it for lctriton.manager only.
+        # The manifest's temporary file is opened with the builtin open; a module global of
+        # that name shadows it for lctriton.manifest only.
         import builtins
 
         class FullFile:
@@ -508,7 +509,7 @@ def _fail_manifest_commit(monkeypatch, how: str):
             f = builtins.open(file, mode, *args, **kwargs)
             return FullFile(f) if "w" in mode else f
 
-        monkeypatch.setattr(manager_module, "open", full_open, raising=False)
+        monkeypatch.setattr(manifest_module, "open", full_open, raising=False)
 
 
 @pytest.mark.parametrize("how", ["rename-eacces", "write-enospc"])
