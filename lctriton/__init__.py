@@ -5,7 +5,7 @@ chunked canonical Huffman coding) with Triton kernels on the GPU, a pure-torch r
 on the CPU, and a container format that never unpickles.
 """
 
-from lctriton.api import Compressed, compress, decompress, inspect, load, save
+from lctriton.api import Compressed, compress, compress_each, decompress, inspect, load, save
 from lctriton.config import CodecOptions
 from lctriton.errors import (
     BaseMismatchError,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Compressed",
     "compress",
+    "compress_each",
     "decompress",
     "save",
     "load",

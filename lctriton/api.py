@@ -29,7 +29,7 @@ from lctriton import codecs, pipeline
 from lctriton import format as fmt
 from lctriton.config import CodecOptions
 
-__all__ = ["Compressed", "compress", "decompress", "save", "load", "inspect"]
+__all__ = ["Compressed", "compress", "compress_each", "decompress", "save", "load", "inspect"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,50 @@ def compress(
     if return_reconstruction:
         return result, encoded.reconstruction
     return result
+
+
+def compress_each(
+    states: list[Any],
+    bases: list[Any] | None = None,
+    *,
+    return_reconstruction: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> list[Compressed] | tuple[list[Compressed], list[Any]]:
+    """Compress several independent states, each as :func:`compress` would, at once.
+
+    The tensors of every state are coded by one pool of threads, so many small states
+    (the chunks one rank writes in a distributed checkpoint) cost no more than one state
+    holding them all, and each still gets its own container.
+
+    Args:
+        states: The states.
+        bases: One base per state (None entries for keys), or None for all keys.
+        return_reconstruction: Also return the reconstruction of each state.
+        progress: Called with (bytes done, bytes total) over all states.
+        **options: Codec options, as for :func:`compress`.
+
+    Returns:
+        The compressed states in order, or ``(compressed states, reconstructions)``.
+
+    Raises:
+        ValueError: If ``bases`` does not have one entry per state, or an option is invalid.
+        TypeError: If an option is unknown or a state holds an object that cannot be stored.
+    """
+    states = list(states)
+    bases = [None] * len(states) if bases is None else list(bases)
+    if len(bases) != len(states):
+        raise ValueError(
+            f"bases must have one entry per state: {len(bases)} bases, {len(states)} states"
+        )
+    opts = CodecOptions.from_kwargs(**options)
+    encoded = pipeline.encode_states(
+        list(zip(states, bases, strict=True)), opts, reconstruct=return_reconstruction, progress=progress
+    )
+    results = [Compressed(e) for e in encoded]
+    if return_reconstruction:
+        return results, [e.reconstruction for e in encoded]
+    return results
 
 
 def _checked_metadata(metadata: Any) -> dict[str, Any]:

@@ -371,3 +371,20 @@ def test_keys_the_reader_cannot_hold_are_rejected_when_writing():
 def test_any_python_string_round_trips():
     state = {"\ud800 lone surrogate": "caf\u00e9 \U0001f600 \udfff"}
     assert lctriton.decompress(lctriton.compress(state).to_bytes()) == state
+
+
+def test_compress_each_matches_compress_state_by_state():
+    g = torch.Generator().manual_seed(11)
+    states = [{"w": torch.randn(5000, generator=g), "i": torch.arange(3)},
+              {"a": torch.randn(40, 70, generator=g).to(torch.bfloat16)},
+              {}]
+    bases = [{"w": states[0]["w"] + 0.01}, None, None]
+    together, recons = lctriton.compress_each(states, bases, return_reconstruction=True, bits=3)
+    for state, base, comp, recon in zip(states, bases, together, recons, strict=True):
+        alone, alone_recon = lctriton.compress(state, base, return_reconstruction=True, bits=3)
+        assert comp.to_bytes() == alone.to_bytes()
+        for k in state:
+            assert torch.equal(recon[k], alone_recon[k])
+    assert len(lctriton.compress_each(states)) == 3
+    with pytest.raises(ValueError, match="one entry per state"):
+        lctriton.compress_each(states, [None])
