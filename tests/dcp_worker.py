@@ -133,3 +133,69 @@ def relayout_then_crash(rank: int, ws: int, tmp: str) -> None:
         storage_writer=_DyingWriter(f"{root}/step-5", previous=f"{root}/step-4"),
     )
     dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------- manager runs
+
+MANAGER_OPTIONS = {"key_every": 3, "keep_last": 2}
+
+
+def manager_run(rank: int, ws: int, tmp: str) -> None:
+    """Steps 1-4 saved synchronously; the run reopened, steps 5 (tagged) and 6 async."""
+    from lctriton.dcp import DistributedCheckpointManager
+
+    mesh = _init(rank, ws, tmp, "mgr")
+    run = os.path.join(tmp, "run")
+    with DistributedCheckpointManager(run, **MANAGER_OPTIONS) as mgr:
+        for step in range(1, 5):
+            info = mgr.save(step, make_state(step, mesh), metadata={"loss": 1.0 / step}).result()
+            assert info.step == step
+    with DistributedCheckpointManager(run, async_save=True, **MANAGER_OPTIONS) as mgr:
+        for step in (5, 6):
+            handle = mgr.save(step, make_state(step, mesh), tag="five" if step == 5 else None)
+            assert handle.staged.done()
+            handle.result(timeout=120)
+        assert [c.step for c in mgr.checkpoints()] == [4, 5, 6]
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def manager_restore(rank: int, ws: int, tmp: str) -> None:
+    """Restore the latest and the tagged point at another world size, then keep saving."""
+    from lctriton.dcp import DistributedCheckpointManager
+
+    mesh = _init(rank, ws, tmp, f"mgr-restore{ws}")
+    run = os.path.join(tmp, "run")
+    mgr = DistributedCheckpointManager(run, **MANAGER_OPTIONS)
+    for which, step in (("latest", 6), ("five", 5)):
+        st = make_state(0, mesh, zeros=True)
+        restored = mgr.restore(which, st)
+        assert restored.step == step
+        got, want = flat(st), full(step)
+        for k in want:
+            err = (got[k] - want[k]).abs().max().item()
+            bound = (want[k] - full(step - 1)[k]).abs().max().item()
+            assert err < 0.6 * bound, (ws, step, k, err, bound)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def manager_crash(rank: int, ws: int, tmp: str) -> None:
+    """Rank 1 is killed while step 7 is being written."""
+    import lctriton.dcp as ldcp
+
+    mesh = _init(rank, ws, tmp, "mgr-crash")
+    run = os.path.join(tmp, "run")
+    mgr = ldcp.DistributedCheckpointManager(run, **MANAGER_OPTIONS)
+    mgr.restore("latest", make_state(0, mesh, zeros=True))
+    real = ldcp.CompressedStorageWriter.write_data
+
+    def dying(self, plan, planner):
+        if dist.get_rank() == 1:
+            with open(os.path.join(self.path, f"{plan.storage_data.prefix}0.distcp"), "wb") as f:
+                f.write(b"partial")
+            os._exit(3)
+        return real(self, plan, planner)
+
+    ldcp.CompressedStorageWriter.write_data = dying
+    mgr.save(7, make_state(7, mesh))
