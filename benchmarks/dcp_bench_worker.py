@@ -29,7 +29,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from lctriton.dcp import CompressedStorageReader, CompressedStorageWriter
+from lctriton.dcp import CompressedStorageReader, CompressedStorageWriter, ReconstructionCache
 from lctriton.testing import ResidentPeak
 
 
@@ -111,6 +111,13 @@ def run(rank: int, ws: int, tmp: str, state_file: str) -> None:
         )
     methods.append(
         ("lctriton", lambda p, prev: CompressedStorageWriter(p, previous=prev),
+         CompressedStorageReader)
+    )
+    # What DistributedCheckpointManager does: t1's reconstruction stays in memory, so the
+    # t2 delta does not decode t1 from storage.
+    cache = ReconstructionCache()
+    methods.append(
+        ("lctriton_cache", lambda p, prev: CompressedStorageWriter(p, previous=prev, cache=cache),
          CompressedStorageReader)
     )
 
