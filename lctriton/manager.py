@@ -237,14 +237,9 @@ class CheckpointManager:
                 logger.info("removing %s: no committed restore point names it", self.directory / name)
             self._unlink(self.directory / name)
 
-    @staticmethod
-    def _unlink(path: Path) -> None:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("could not remove %s: %s", path, exc)
+    def _unlink(self, path: Path) -> None:
+        """Remove a file of this directory; a missing one is fine, a failure is logged."""
+        self._manifest.store.remove(path.name)
 
     # ------------------------------------------------------------------ queries
 
