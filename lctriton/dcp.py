@@ -1146,8 +1146,8 @@ class DistributedCheckpointManager:
     # ------------------------------------------------------------------ tags
 
     def _rank0_edit(self, edit: Any) -> None:
-        """Apply ``edit(entries) -> doomed names`` on rank 0, commit, and share the result."""
-        self.wait()
+        """Apply ``edit(entries) -> doomed names`` on rank 0, commit, and share the result
+        (callers have just agreed on the manifest with :meth:`wait`)."""
         error = None
         if self.rank == 0:
             try:
@@ -1182,6 +1182,7 @@ class DistributedCheckpointManager:
 
     def untag(self, name: str) -> None:
         """Remove a tag (its point then follows ordinary retention)."""
+        self.wait()
 
         def edit(entries: dict[int, CheckpointInfo]) -> list[str]:
             Manifest.untag(entries, name)

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from lctriton.api import fsync_dir
 from lctriton.errors import FormatError
 
 __all__ = [
@@ -163,8 +164,6 @@ class _LocalStore:
             self.remove(tmp.name)
             raise
         if fsync:
-            from lctriton.api import fsync_dir  # api imports the manager family lazily too
-
             fsync_dir(self.directory)
 
     def listdir(self) -> list[str]:
