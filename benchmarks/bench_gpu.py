@@ -7,11 +7,17 @@ times with ``triton.testing.do_bench``:
 * pass 1 alone (reads x and base: 8 bytes per element);
 * compress end to end (pass 1, host tables, pass 2, stream packing);
 * decompress end to end (decode, dequantize, add the base);
+* the rANS coder's launchers alone (``lctriton.kernels.rans``) on
+  ``LCTRITON_GPU_BENCH_RANS_NUMEL`` uint8 symbols (default: as many as elements) drawn from a
+  skewed 16-symbol distribution, in chunks of 4096: encode (coder, prefix sum, compaction)
+  and decode (with its end check);
 * the reference codec on the CPU for the same data is in ``bench_codec.py``.
 
 Each result records ms, GB/s of float32 input, and the fraction of the copy bandwidth (for
-pass 1, measured against the bytes it must move). ``python benchmarks/run.py gpu`` runs
-this file and writes the results JSON with the device name.
+pass 1, measured against the bytes it must move); the rANS results record ms, GB/s of symbols
+(one byte each), symbols per second and the coded bits per symbol.
+``python benchmarks/run.py gpu`` runs this file and writes the results JSON with the device
+name.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from lctriton import codecs, huffman
 pytestmark = pytest.mark.gpu
 
 NUMEL = int(os.environ.get("LCTRITON_GPU_BENCH_NUMEL", str(1 << 30)))
+RANS_NUMEL = int(os.environ.get("LCTRITON_GPU_BENCH_RANS_NUMEL", str(NUMEL)))
+RANS_CHUNK = 4096
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +128,65 @@ def test_gpu_encode_kernels_only(benchmark, data):
     ms = _do_bench(lambda: encode.lc_encode(x, base, lut, reps, lengths, 4096))
     benchmark.pedantic(lambda: encode.lc_encode(x, base, lut, reps, lengths, 4096), rounds=3, iterations=1)
     _record(benchmark, ms, NUMEL * 4, copy)
+
+
+@pytest.fixture(scope="module")
+def rans_data():
+    """Symbols with a skewed histogram (geometric over 16 symbols) and their table."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from lctriton import rans
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = 0.5 ** torch.arange(1, 17, dtype=torch.float64, device="cuda")
+    cdf = (torch.cumsum(p, 0) / p.sum()).to(torch.float32)
+    u = torch.rand(RANS_NUMEL, device="cuda", generator=g)
+    symbols = torch.searchsorted(cdf, u).clamp_(max=15).to(torch.uint8)
+    del u
+    counts = torch.bincount(symbols, minlength=16).cpu().numpy()
+    return symbols, rans.quantize_frequencies(counts)
+
+
+def _record_rans(benchmark, ms: float, nwords: int) -> None:
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        numel=RANS_NUMEL,
+        chunk_symbols=RANS_CHUNK,
+        ms=ms,
+        symbol_GB_per_s=RANS_NUMEL / (ms * 1e-3) / 1e9,
+        symbols_per_s=RANS_NUMEL / (ms * 1e-3),
+        bits_per_symbol=16 * nwords / RANS_NUMEL,
+    )
+
+
+@pytest.mark.benchmark(group="gpu")
+def test_gpu_rans_encode(benchmark, rans_data):
+    """rANS encode alone: the per-chunk coder, the prefix sum and the compaction."""
+    from lctriton.kernels import rans as rans_kernels
+
+    symbols, freqs = rans_data
+
+    def run():
+        return rans_kernels.rans_encode(symbols, freqs, RANS_CHUNK)
+
+    ms = _do_bench(run)
+    words, _ = benchmark.pedantic(run, rounds=3, iterations=1)  # returns after a host sync
+    _record_rans(benchmark, ms, words.numel())
+
+
+@pytest.mark.benchmark(group="gpu")
+def test_gpu_rans_decode(benchmark, rans_data):
+    """rANS decode alone (tables sent over each call), with its check of every chunk's end."""
+    from lctriton.kernels import rans as rans_kernels
+
+    symbols, freqs = rans_data
+    words, chunk_words = rans_kernels.rans_encode(symbols, freqs, RANS_CHUNK)
+    item = rans_kernels.RansStream(words, chunk_words.cpu(), RANS_NUMEL, freqs)
+
+    def run():
+        return rans_kernels.rans_decode([item], RANS_CHUNK)
+
+    ms = _do_bench(run)
+    (out,) = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert torch.equal(out, symbols)
+    _record_rans(benchmark, ms, words.numel())

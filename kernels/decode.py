@@ -24,7 +24,7 @@ from lctriton.kernels.reference import LcStream, chunk_word_offsets
 
 from lctriton.huffman import MAX_CODE_LENGTH, decode_table
 
-__all__ = ["lc_decode"]
+__all__ = ["lc_decode", "lc_reconstruct"]
 
 #: Chunks decoded side by side by one program; performance only.
 _LANES = 64
@@ -156,4 +156,60 @@ def lc_decode(items: list[LcStream], chunk_symbols: int, device: torch.device | 
         probe = torch.empty(0, device=dev)
         check_device("the decode device", probe)
         out.append(_decode_one(item, chunk, dev))
+    return out
+
+
+@triton.jit
+def _lc_reconstruct_kernel(
+    sym_ptr,  # *uint8 [n]: symbols
+    rep_ptr,  # *f32 [nsym]: value of each symbol
+    base_ptr,  # same type as out [n]: the base (unused without HAS_BASE)
+    out_ptr,  # out [n]
+    n,
+    nsym,
+    HAS_BASE: tl.constexpr,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    sym = tl.load(sym_ptr + offs, mask=mask, other=0).to(tl.int32)
+    # A symbol past the table (a corrupt stream) reads the last entry, as numpy's clip does.
+    rep = tl.load(rep_ptr + tl.minimum(sym, nsym - 1), mask=mask, other=0.0)
+    b = rep
+    if HAS_BASE:
+        b = tl.load(base_ptr + offs, mask=mask, other=0)
+    tl.store(out_ptr + offs, reconstruct(b, rep, sym, HAS_BASE, KIND), mask=mask)
+
+
+def lc_reconstruct(
+    symbols: torch.Tensor, representatives: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Symbols to values on the symbols' device (see ``reference.lc_reconstruct``).
+
+    Returns:
+        The flat reconstruction in ``dtype``.
+
+    Raises:
+        TypeError: If ``dtype`` is not a lossy dtype.
+        ValueError: If sizes or devices are wrong.
+    """
+    if dtype not in DTYPE_KIND:
+        raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+    check_device("symbols", symbols)
+    sym = symbols.contiguous().reshape(-1)
+    dev = sym.device
+    n = sym.numel()
+    out = torch.empty(n, dtype=dtype, device=dev)
+    if n == 0:
+        return out
+    has_base = base is not None
+    b = base.to(dev).contiguous().reshape(-1) if has_base else out
+    if has_base and b.numel() != n:
+        raise ValueError(f"base has {b.numel()} elements, the symbols {n}")
+    reps = representatives.to(device=dev, dtype=torch.float32).contiguous()
+    _lc_reconstruct_kernel[(triton.cdiv(n, _FILL_BLOCK),)](
+        sym, reps, b, out, n, reps.numel(), HAS_BASE=has_base, KIND=DTYPE_KIND[dtype], BLOCK=_FILL_BLOCK,
+        enable_fp_fusion=False,
+    )
     return out

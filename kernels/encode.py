@@ -28,7 +28,7 @@ from lctriton.kernels.histogram import NUM_FINE_KEYS, delta_f32, fine_keys, wide
 
 from lctriton.huffman import canonical_codes
 
-__all__ = ["lc_encode", "reconstruct", "is_nonfinite"]
+__all__ = ["lc_encode", "lc_symbols", "reconstruct", "is_nonfinite", "round_bf16"]
 
 #: Elements a program handles per step of its loop over the chunk; performance only.
 _STEP = 1024
@@ -215,3 +215,47 @@ def lc_encode(
     codes = torch.from_numpy(canonical_codes(lengths_np).astype(np.uint64)).to(dev)
     _lc_pack_kernel[(nchunks,)](symbols, lengths, codes, word_offsets, words, n, CHUNK=chunk, STEP=step)
     return words.view(torch.int64), chunk_bits, recon, any_nonfinite
+
+
+def lc_symbols(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    key_to_symbol: torch.Tensor,
+    representatives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Pass 2 without the Huffman stage (see ``reference.lc_symbols``): the symbols kernel
+    alone, for codecs that entropy-code the symbols with rANS.
+
+    Returns:
+        ``(symbols, reconstruction, nonfinite)``: flat uint8 symbols and reconstruction on
+        ``x``'s device, and whether the reconstruction holds a non-finite value.
+
+    Raises:
+        TypeError: If an argument has the wrong type or dtype.
+        ValueError: If sizes or devices are wrong.
+    """
+    flat, b = check_pair(x, base)
+    if b is None:
+        b = flat  # any pointer: the kernel does not read it without a base
+    if key_to_symbol.numel() != NUM_FINE_KEYS:
+        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
+    dev = x.device
+    lut = key_to_symbol.to(device=dev, dtype=torch.uint8).contiguous()
+    reps = representatives.to(device=dev, dtype=torch.float32).contiguous()
+    # No code lengths: the kernel's bit count per chunk is then zero and unused.
+    lengths = torch.zeros(reps.numel(), dtype=torch.uint8, device=dev)
+    n = flat.numel()
+    recon = torch.empty(n, dtype=x.dtype, device=dev)
+    symbols = torch.empty(n, dtype=torch.uint8, device=dev)
+    if n == 0:
+        return symbols, recon, False
+    chunk = 4096  # any size: chunks only group the work here
+    nchunks = triton.cdiv(n, chunk)
+    chunk_bits = torch.empty(nchunks, dtype=torch.int64, device=dev)
+    nonfinite = torch.zeros(nchunks, dtype=torch.int8, device=dev)
+    _lc_symbols_kernel[(nchunks,)](
+        flat, b, lut, reps, lengths, symbols, recon, chunk_bits, nonfinite, n,
+        CHUNK=chunk, HAS_BASE=base is not None, KIND=DTYPE_KIND[x.dtype], STEP=_STEP,
+        enable_fp_fusion=False,
+    )
+    return symbols, recon, bool(nonfinite.any())

@@ -70,6 +70,12 @@ __all__ = [
     "lc_reconstruct",
     "lc_exceptions",
     "lc_decode",
+    "lc_symbols",
+    "lq_symbols",
+    "lq_reconstruct",
+    "rans_encode",
+    "rans_decode",
+    "RansStream",
     "LcStream",
     "BLOCK",
     "check_chunk_symbols",
@@ -320,17 +326,28 @@ def _reconstruct_block(
         np.copyto(out, bb, where=sym == 0)
 
 
+def _as_numpy(values: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().contiguous().reshape(-1).numpy()
+    return np.asarray(values).astype(dtype, copy=False)
+
+
 def lc_reconstruct(
-    symbols: np.ndarray, representatives: np.ndarray, base: torch.Tensor | None, dtype: torch.dtype
+    symbols: torch.Tensor | np.ndarray,
+    representatives: torch.Tensor | np.ndarray,
+    base: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Step 4: ``round_to_dtype(base + representatives[symbols])``, flat, on CPU.
 
     Args:
-        symbols: uint8 symbols, flat (numpy).
+        symbols: uint8 symbols, flat.
         representatives: float32 value of each symbol (symbol 0 is -0.0).
         base: Base of the tensor's dtype, or None for zeros (+0.0).
         dtype: The tensor's dtype.
     """
+    symbols = _as_numpy(symbols, np.uint8)
+    representatives = _as_numpy(representatives, np.float32)
     out = torch.empty(symbols.size, dtype=dtype)
     o = _np(out)
     bn = None if base is None else _np(base.detach().cpu().contiguous())
@@ -338,6 +355,139 @@ def lc_reconstruct(
         for s in range(0, symbols.size, BLOCK):
             sl = slice(s, s + BLOCK)
             _reconstruct_block(symbols[sl], representatives, None if bn is None else bn[sl], dtype, o[sl])
+    return out
+
+
+# --------------------------------------------------------------------------- lq/1
+
+def _round_to_dtype(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float32 (float64 for float64 tensors) values as the tensor dtype's storage."""
+    if dtype == torch.bfloat16:
+        return _round_to_bf16(values.astype(np.float32, copy=False))
+    if dtype == torch.float16:
+        return values.astype(np.float16)
+    if dtype == torch.float64:
+        return values.astype(np.float64)
+    return values.astype(np.float32, copy=False)
+
+
+def _nonfinite_bits(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.bfloat16:  # numpy sees the bits
+        return (values & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    return ~np.isfinite(values)
+
+
+def _prediction_block(bb: np.ndarray, scale: float, dtype: torch.dtype) -> np.ndarray:
+    """The lq/1 prediction: ``round_to_dtype(base * scale)``, the base itself where not finite."""
+    if dtype == torch.float64:
+        p = bb * np.float64(np.float32(scale))
+    else:
+        p = _round_to_dtype(_to_f32(bb, dtype) * np.float32(scale), dtype)
+    bad = _nonfinite_bits(bb, dtype)
+    if bad.any():  # NaN payloads out of arithmetic differ between processors: copy instead
+        p = np.where(bad, bb, p)
+    return p
+
+
+def _lq_block(
+    xb: np.ndarray, bb: np.ndarray | None, scale: float, lut: np.ndarray, reps: np.ndarray,
+    dtype: torch.dtype, out: np.ndarray,
+) -> np.ndarray:
+    """Symbols and reconstruction (into ``out``) of one block of lq/1."""
+    sym = np.take(lut, _fine_keys(_delta_block(xb, None, dtype)), mode="clip")
+    values = _round_to_dtype(np.take(reps, sym, mode="clip"), dtype)
+    if bb is None:
+        out[:] = values
+        return sym
+    p = _prediction_block(bb, scale, dtype)
+    keep = np.take(lut, _fine_keys(_delta_block(p, None, dtype)), mode="clip") == sym
+    sym = np.where(keep, np.uint8(0), sym)
+    out[:] = np.where(keep, p, values)
+    return sym
+
+
+def lq_symbols(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    scale: float,
+    key_to_symbol: torch.Tensor,
+    representatives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The "lq/1" pass: log-domain quantization of values, against a scaled base.
+
+    1. Prediction. ``p = round_to_dtype(float32(base) * scale)`` (float64 tensors: ``base *
+       float64(scale)``); where the base is not finite, ``p`` is the base itself.
+    2. Bins. Each value's fine key (:func:`lc_histogram`'s key of the value itself: sign,
+       exponent, top 4 mantissa bits) is mapped by ``key_to_symbol`` to a bin symbol (1 or
+       more); bins are intervals of constant relative width, so quantizing to a bin is
+       quantizing ``log2 |x|``.
+    3. Symbol 0. Where the prediction falls in the same bin as the value, the symbol is 0
+       and the element restores to ``p``: a value that moved less than its bin's width
+       keeps its prediction. Without a base no symbol is 0.
+    4. Reconstruction. ``p`` for symbol 0, else ``round_to_dtype(representatives[symbol])``.
+
+    Args:
+        x: Floating tensor.
+        base: Tensor of the same shape and dtype, or None.
+        scale: Factor applied to the base (a float32 value; 1.0 keeps the base as it is).
+        key_to_symbol: uint8 tensor of ``NUM_FINE_KEYS`` entries, each at least 1.
+        representatives: float32 value of each symbol (entry 0 unused).
+
+    Returns:
+        ``(symbols, reconstruction, nonfinite)`` as :func:`lc_symbols` returns them.
+
+    Raises:
+        TypeError: If ``x`` or ``base`` is not a tensor of a supported dtype.
+        ValueError: If shapes or table sizes are wrong.
+    """
+    _check_lossy(x, base)
+    if key_to_symbol.numel() != NUM_FINE_KEYS:
+        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
+    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
+    if not lut.all():
+        raise ValueError("key_to_symbol must map every fine key to a symbol of 1 or more")
+    reps = representatives.cpu().numpy().astype(np.float32)
+    xn, bn = _flat_views(x, base)
+    n = xn.size
+    symbols = np.empty(n, dtype=np.uint8)
+    reconstruction = torch.empty(n, dtype=x.dtype)
+    rn = _np(reconstruction)
+    nonfinite = False
+    with np.errstate(all="ignore"):
+        for s in range(0, n, BLOCK):
+            sl = slice(s, s + BLOCK)
+            bb = None if bn is None else bn[sl]
+            symbols[sl] = _lq_block(xn[sl], bb, scale, lut, reps, x.dtype, rn[sl])
+            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
+    return torch.from_numpy(symbols), reconstruction, nonfinite
+
+
+def lq_reconstruct(
+    symbols: torch.Tensor | np.ndarray,
+    representatives: torch.Tensor | np.ndarray,
+    base: torch.Tensor | None,
+    scale: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Decode side of :func:`lq_symbols`: the prediction for symbol 0, else the symbol's value.
+
+    Returns:
+        The flat reconstruction in ``dtype``, on CPU (exceptions not applied).
+    """
+    symbols = _as_numpy(symbols, np.uint8)
+    reps = _as_numpy(representatives, np.float32)
+    out = torch.empty(symbols.size, dtype=dtype)
+    o = _np(out)
+    bn = None if base is None else _np(base.detach().cpu().contiguous())
+    with np.errstate(all="ignore"):
+        for s in range(0, symbols.size, BLOCK):
+            sl = slice(s, s + BLOCK)
+            sym = symbols[sl]
+            values = _round_to_dtype(np.take(reps, sym, mode="clip"), dtype)
+            if bn is None:
+                o[sl] = values
+            else:
+                o[sl] = np.where(sym == 0, _prediction_block(bn[sl], scale, dtype), values)
     return out
 
 
@@ -434,6 +584,47 @@ def lc_encode(
         return empty, torch.zeros(nchunks, dtype=torch.int64), reconstruction, nonfinite
     words, chunk_bits = packer.finish()
     return torch.from_numpy(words.view(np.int64)), torch.from_numpy(chunk_bits), reconstruction, nonfinite
+
+
+def lc_symbols(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    key_to_symbol: torch.Tensor,
+    representatives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Pass 2 without the Huffman stage: each element's symbol and the reconstruction.
+
+    The symbols are those of :func:`lc_encode` (steps 1 to 4); codecs that entropy-code them
+    another way (rANS: :func:`rans_encode`) start from here.
+
+    Returns:
+        ``(symbols, reconstruction, nonfinite)``: flat uint8 symbols, the flat reconstruction
+        in ``x``'s dtype (exceptions not applied), and whether it holds a non-finite value.
+
+    Raises:
+        TypeError: If ``x`` or ``base`` is not a tensor of a supported dtype.
+        ValueError: If shapes or table sizes are wrong.
+    """
+    _check_lossy(x, base)
+    if key_to_symbol.numel() != NUM_FINE_KEYS:
+        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
+    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
+    reps = representatives.cpu().numpy().astype(np.float32)
+    xn, bn = _flat_views(x, base)
+    n = xn.size
+    symbols = np.empty(n, dtype=np.uint8)
+    reconstruction = torch.empty(n, dtype=x.dtype)
+    rn = _np(reconstruction)
+    nonfinite = False
+    with np.errstate(all="ignore"):
+        for s in range(0, n, BLOCK):
+            sl = slice(s, s + BLOCK)
+            bb = None if bn is None else bn[sl]
+            sym = np.take(lut, _fine_keys(_delta_block(xn[sl], bb, x.dtype)), mode="clip")
+            symbols[sl] = sym
+            _reconstruct_block(sym, reps, bb, x.dtype, rn[sl])
+            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
+    return torch.from_numpy(symbols), reconstruction, nonfinite
 
 
 def _any_nonfinite(values: np.ndarray, dtype: torch.dtype) -> bool:
@@ -718,7 +909,233 @@ def lc_decode(items: list[LcStream], chunk_symbols: int) -> list[torch.Tensor]:
     """
     symbols = _decode_symbols(items, chunk_symbols)
     restored = []
-    for it, sym in zip(items, symbols):
+    for it, sym in zip(items, symbols, strict=True):
         base = None if it.base is None else it.base.cpu()
         restored.append(lc_reconstruct(sym, it.representatives.cpu().numpy(), base, it.dtype))
     return restored
+
+
+# --------------------------------------------------------------------------- rANS
+
+#: Frequencies are 12-bit: a symbol of frequency ``f`` costs ``12 - log2(f)`` bits.
+RANS_PROB_BITS = 12
+#: The coder state lives in [RANS_LOW, RANS_LOW << 16); 16-bit words renormalize it.
+RANS_LOW = 1 << 16
+_RANS_MASK = (1 << RANS_PROB_BITS) - 1
+
+
+def _check_rans_table(freqs: np.ndarray) -> np.ndarray:
+    raw = np.asarray(freqs)
+    if raw.dtype.kind not in "iu":
+        raise TypeError(f"freqs must hold integers, got dtype {raw.dtype}")
+    f = raw.astype(np.int64).reshape(-1)
+    if f.size == 0 or f.size > 256 or (f < 0).any() or int(f.sum()) != 1 << RANS_PROB_BITS:
+        raise ValueError(f"freqs must be at most 256 non-negative ints summing to {1 << RANS_PROB_BITS}")
+    if int(f.max()) == 1 << RANS_PROB_BITS:
+        raise ValueError("freqs has a single symbol: such a stream is a fill and has no code")
+    return f
+
+
+def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rANS-code uint8 symbols in independent chunks.
+
+    The coder (static, one state per chunk): the state ``x`` starts at ``RANS_LOW = 2**16``;
+    the chunk's symbols are coded last to first, each ``s`` of frequency ``f`` and
+    cumulative frequency ``c`` (the sum of the frequencies of the symbols below ``s``) by
+
+    * if ``x >= f << 20``: emit the 16-bit word ``x & 0xFFFF`` and ``x >>= 16`` (at most once);
+    * ``x = ((x // f) << 12) + x % f + c``.
+
+    A chunk's words are its final state (low half, then high half) followed by the emitted
+    words in the reverse of their emission order, which is the order the decoder reads
+    them: starting from that state, each step takes ``slot = x & 4095``, the symbol ``s``
+    whose range ``[c, c + f)`` holds the slot, ``x = f * (x >> 12) + slot - c``, and reads
+    one word ``x = x << 16 | word`` when ``x < 2**16``. A correct chunk ends with every word
+    read and ``x == 2**16``.
+
+    Args:
+        symbols: uint8 tensor of symbols, any shape (read flat).
+        freqs: Frequency of each symbol (at most 256 entries summing to 4096; every symbol
+            that occurs must have a nonzero frequency, and at least two must be nonzero).
+        chunk_symbols: Symbols per chunk, a power of two from 64 to 65536.
+
+    Returns:
+        ``(words, chunk_words)``: the stream as an int16 tensor holding the 16-bit words,
+        and the number of words of each chunk (int64); chunk ``k`` starts at word
+        ``sum(chunk_words[:k])``.
+
+    Raises:
+        ValueError: If the table is invalid or a symbol has frequency 0.
+    """
+    check_chunk_symbols(chunk_symbols)
+    f = _check_rans_table(freqs.cpu().numpy() if isinstance(freqs, torch.Tensor) else freqs)
+    if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
+        raise TypeError(f"symbols must be a uint8 tensor, got {getattr(symbols, 'dtype', type(symbols).__name__)}")
+    sym = symbols.detach().cpu().contiguous().reshape(-1).numpy().view(np.uint8)
+    n = sym.size
+    if n and (int(sym.max()) >= f.size or not f[np.unique(sym)].all()):
+        raise ValueError("a symbol to code has frequency 0")
+    full = n // chunk_symbols
+    parts = []
+    if full:
+        parts.append(_rans_encode_lanes(sym[: full * chunk_symbols].reshape(full, chunk_symbols), f))
+    if n > full * chunk_symbols:
+        parts.append(_rans_encode_lanes(sym[full * chunk_symbols :].reshape(1, -1), f))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int16), torch.zeros(0, dtype=torch.int64)
+    words = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(words.view(np.int16)), torch.from_numpy(counts)
+
+
+def _rans_encode_lanes(grid: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Encode each row of ``grid`` as one chunk; all rows advance together."""
+    lanes, length = grid.shape
+    steps = np.ascontiguousarray(grid.T)  # step-major: row i holds symbol i of every lane
+    f32 = freqs.astype(np.uint32)
+    cum32 = np.concatenate(([0], np.cumsum(freqs)[:-1])).astype(np.uint32)
+    limit = f32 << np.uint32(20)
+    x = np.full(lanes, RANS_LOW, dtype=np.uint32)
+    emitted = np.empty((length, lanes), dtype=np.uint16)
+    emits = np.empty((length, lanes), dtype=bool)
+    # Preallocated temporaries: the loop runs once per symbol of a chunk, over all lanes.
+    f = np.empty(lanes, dtype=np.uint32)
+    q = np.empty(lanes, dtype=np.uint32)
+    tmp = np.empty(lanes, dtype=np.uint32)
+    sixteen, twelve = np.uint32(16), np.uint32(12)
+    for i in range(length - 1, -1, -1):
+        s = steps[i]
+        e = emits[i]
+        np.take(limit, s, out=tmp)
+        np.greater_equal(x, tmp, out=e)
+        emitted[i] = x  # the low 16 bits; kept only where e
+        np.right_shift(x, sixteen, out=tmp)
+        np.copyto(x, tmp, where=e)
+        np.take(f32, s, out=f)
+        np.floor_divide(x, f, out=q)
+        np.multiply(q, f, out=tmp)
+        np.subtract(x, tmp, out=x)  # x % f
+        np.left_shift(q, twelve, out=q)
+        x += q
+        np.take(cum32, s, out=tmp)
+        x += tmp
+    # Decoder order: the emitted words by increasing step, lane by lane.
+    body = emitted.T[emits.T]
+    counts = emits.sum(axis=0).astype(np.int64) + 2
+    out = np.empty(int(counts.sum()), dtype=np.uint16)
+    starts = np.cumsum(counts) - counts
+    is_body = np.ones(out.size, dtype=bool)
+    is_body[starts] = is_body[starts + 1] = False
+    out[starts] = x & np.uint32(0xFFFF)
+    out[starts + 1] = x >> sixteen
+    out[is_body] = body
+    return out, counts
+
+
+class RansStream:
+    """One rANS-coded symbol stream, as :func:`rans_decode` takes it.
+
+    Attributes:
+        words: int16 tensor of the 16-bit words.
+        chunk_words: int64 tensor, words of each chunk.
+        numel: Number of symbols.
+        freqs: int64 numpy array, frequency of each symbol.
+    """
+
+    __slots__ = ("words", "chunk_words", "numel", "freqs")
+
+    def __init__(self, words: torch.Tensor, chunk_words: torch.Tensor, numel: int, freqs: np.ndarray):
+        self.words = words
+        self.chunk_words = chunk_words
+        self.numel = numel
+        self.freqs = freqs
+
+
+def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tensor]:
+    """Decode many rANS streams at once: every chunk of every stream is one lane.
+
+    Args:
+        items: The streams (see :func:`rans_encode` for the format).
+        chunk_symbols: Symbols per chunk, shared by all items.
+
+    Returns:
+        One flat uint8 tensor of symbols per item, on CPU.
+
+    Raises:
+        ValueError: If a table is invalid, or a chunk does not end with every word read and
+            the state back at ``2**16`` (a corrupt or truncated stream).
+    """
+    check_chunk_symbols(chunk_symbols)
+    tables = [_check_rans_table(it.freqs) for it in items]
+    word_parts, lane_start, lane_end, lane_count, lane_table = [], [], [], [], []
+    offset = 0
+    for t, it in enumerate(items):
+        counts = np.asarray(it.chunk_words.cpu().numpy(), dtype=np.int64)
+        nchunks = -(-it.numel // chunk_symbols)
+        if counts.size != nchunks:
+            raise ValueError(f"a stream of {it.numel} symbols needs {nchunks} chunks, its table lists {counts.size}")
+        if (counts < 2).any():
+            raise ValueError("every chunk holds at least its two state words")
+        words = it.words.cpu().numpy().view(np.uint16)
+        if int(counts.sum()) != words.size:
+            raise ValueError("the stream's length does not match its chunk table")
+        starts = np.cumsum(counts) - counts + offset
+        sizes = np.full(nchunks, chunk_symbols, dtype=np.int64)
+        if nchunks:
+            sizes[-1] = it.numel - (nchunks - 1) * chunk_symbols
+        word_parts.append(words)
+        lane_start.append(starts)
+        lane_end.append(starts + counts)
+        lane_count.append(sizes)
+        lane_table.append(np.full(nchunks, t, dtype=np.int64))
+        offset += words.size
+    out: list[torch.Tensor] = []
+    if not word_parts or offset == 0:
+        return [torch.zeros(it.numel, dtype=torch.uint8) for it in items]
+    # One zero word of padding: a corrupt lane may read past the stream's end.
+    words = np.concatenate(word_parts + [np.zeros(chunk_symbols + 1, dtype=np.uint16)]).astype(np.uint32)
+    start = np.concatenate(lane_start)
+    end = np.concatenate(lane_end)
+    size = np.concatenate(lane_count)
+    table = np.concatenate(lane_table)
+    ntab = len(tables)
+    freq = np.zeros((ntab, 256), dtype=np.uint32)
+    cum = np.zeros((ntab, 256), dtype=np.uint32)
+    slots = np.zeros((ntab, 1 << RANS_PROB_BITS), dtype=np.uint8)
+    for t, f in enumerate(tables):
+        freq[t, : f.size] = f
+        cum[t, : f.size] = np.concatenate(([0], np.cumsum(f)[:-1]))
+        slots[t] = np.repeat(np.arange(f.size, dtype=np.uint8), f)
+    # Flat tables indexed by (table << 8 | symbol) and (table << 12 | slot).
+    freq_flat, cum_flat, slot_flat = freq.reshape(-1), cum.reshape(-1), slots.reshape(-1)
+    sym_base = (table << 8).astype(np.int64)
+    slot_base = (table << RANS_PROB_BITS).astype(np.int64)
+    x = words[start] | (words[start + 1] << np.uint32(16))
+    pos = start + 2
+    longest = int(size.max())
+    result = np.zeros((longest, size.size), dtype=np.uint8)
+    for i in range(longest):
+        active = size > i
+        slot = (x & np.uint32(_RANS_MASK)).astype(np.int64)
+        s = slot_flat[slot_base + slot]
+        idx = sym_base + s
+        nx = freq_flat[idx] * (x >> np.uint32(RANS_PROB_BITS)) + slot.astype(np.uint32) - cum_flat[idx]
+        need = nx < np.uint32(RANS_LOW)
+        nx = np.where(need, (nx << np.uint32(16)) | words[np.minimum(pos, words.size - 1)], nx)
+        if not active.all():  # only the last chunk of a stream is shorter
+            nx = np.where(active, nx, x)
+            need &= active
+        x = nx
+        pos = pos + need
+        result[i] = s
+    if not ((x == RANS_LOW) & (pos == end)).all():
+        raise ValueError("a chunk's rANS code does not end where its chunk table says")
+    grid = result.T  # lane-major
+    lane = 0
+    for it in items:
+        nchunks = -(-it.numel // chunk_symbols)
+        # Every chunk but a stream's last is full, so its lanes laid end to end are the stream.
+        sym = np.ascontiguousarray(grid[lane : lane + nchunks]).reshape(-1)[: it.numel]
+        out.append(torch.from_numpy(sym))
+        lane += nchunks
+    return out

@@ -6,9 +6,25 @@ of its twin in :mod:`lctriton.kernels.reference` and returns identical bytes.
 
 from __future__ import annotations
 
-from lctriton.kernels.decode import lc_decode
-from lctriton.kernels.encode import lc_encode
+from lctriton.kernels.decode import lc_decode, lc_reconstruct
+from lctriton.kernels.encode import lc_encode, lc_symbols
 from lctriton.kernels.histogram import lc_histogram
-from lctriton.kernels.reference import LcStream, fingerprint, lc_exceptions
+from lctriton.kernels.logquant import lq_reconstruct, lq_symbols
+from lctriton.kernels.rans import rans_decode, rans_encode
+from lctriton.kernels.reference import LcStream, RansStream, fingerprint, lc_exceptions
 
-__all__ = ["lc_histogram", "lc_encode", "lc_decode", "lc_exceptions", "fingerprint", "LcStream"]
+__all__ = [
+    "lc_histogram",
+    "lc_encode",
+    "lc_decode",
+    "lc_symbols",
+    "lc_reconstruct",
+    "lq_symbols",
+    "lq_reconstruct",
+    "lc_exceptions",
+    "fingerprint",
+    "LcStream",
+    "rans_encode",
+    "rans_decode",
+    "RansStream",
+]

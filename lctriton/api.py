@@ -402,7 +402,7 @@ def _describe(container: fmt.Container) -> dict[str, Any]:
                 "raw_nbytes": raw,
                 "stored_nbytes": stored,
                 "ratio": raw / stored if stored else float("inf"),
-                "error_bound": rec.get("bound", 0.0) if rec["codec"] == codecs.LC else 0.0,
+                "error_bound": (rec.get("bound") or 0.0) if rec["codec"] in codecs.LOSSY_CODECS else 0.0,
                 "bits": rec.get("bits"),
                 "exceptions": rec.get("exceptions", 0),
                 "base": rec.get("base"),

@@ -16,7 +16,21 @@ import torch
 
 from lctriton.kernels import reference
 
-__all__ = ["BACKEND_ENV", "choose", "threads_allowed", "lc_histogram", "lc_encode", "lc_decode", "fingerprint"]
+__all__ = [
+    "BACKEND_ENV",
+    "choose",
+    "threads_allowed",
+    "lc_histogram",
+    "lc_encode",
+    "lc_decode",
+    "lc_symbols",
+    "lc_reconstruct",
+    "lq_symbols",
+    "lq_reconstruct",
+    "rans_encode",
+    "rans_decode",
+    "fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +93,39 @@ def lc_encode(x, base, key_to_symbol, representatives, code_lengths, chunk_symbo
 def lc_decode(items: list[reference.LcStream], chunk_symbols: int, device: torch.device) -> list[torch.Tensor]:
     """Decode many streams on ``device``'s backend (see ``reference.lc_decode``)."""
     return choose(device).lc_decode(items, chunk_symbols)
+
+
+def lc_symbols(x, base, key_to_symbol, representatives):
+    """Pass 2 without the Huffman stage (see ``reference.lc_symbols``)."""
+    return choose(x.device).lc_symbols(x, base, key_to_symbol, representatives)
+
+
+def lc_reconstruct(symbols, representatives, base, dtype):
+    """Symbols to values on the backend of ``symbols``' device (see ``reference.lc_reconstruct``)."""
+    return choose(symbols.device).lc_reconstruct(symbols, representatives, base, dtype)
+
+
+def lq_symbols(x, base, scale, key_to_symbol, representatives):
+    """The lq/1 pass on the backend of ``x``'s device (see ``reference.lq_symbols``)."""
+    return choose(x.device).lq_symbols(x, base, scale, key_to_symbol, representatives)
+
+
+def lq_reconstruct(symbols, representatives, base, scale, dtype):
+    """lq/1 decode on the backend of ``symbols``' device (see ``reference.lq_reconstruct``)."""
+    return choose(symbols.device).lq_reconstruct(symbols, representatives, base, scale, dtype)
+
+
+def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int):
+    """rANS-code symbols on the backend of their device (see ``reference.rans_encode``)."""
+    return choose(symbols.device).rans_encode(symbols, freqs, chunk_symbols)
+
+
+def rans_decode(items: list[reference.RansStream], chunk_symbols: int, device: torch.device) -> list[torch.Tensor]:
+    """Decode many rANS streams on ``device``'s backend (see ``reference.rans_decode``)."""
+    module = choose(device)
+    if module is reference:
+        return reference.rans_decode(items, chunk_symbols)
+    return module.rans_decode(items, chunk_symbols, device)
 
 
 def fingerprint(tensor: torch.Tensor) -> int:

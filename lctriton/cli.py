@@ -146,7 +146,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
           f"{'ratio':>8} {'error bound':>11}")
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        bound = f"{t['error_bound']:.3g}" if t["codec"] == "lc/1" else "exact"
+        bound = f"{t['error_bound']:.3g}" if t["error_bound"] else "exact"
         print(f"{t['name']:<{width}} {t['dtype']:<9} {shape:<18} {t['codec']:<6} {t['raw_nbytes']:>12,} "
               f"{t['stored_nbytes']:>12,} {t['ratio']:>7.1f}x {bound:>11}")
     return 0

@@ -1,11 +1,16 @@
 """Tensor codecs: what each tensor record in a container says, and how it is coded.
 
-Two codecs exist:
+Five codecs exist (``docs/format.md`` has every field):
 
 ``raw/1``
-    The tensor's bytes as they are in memory (C order, little-endian). Used for exact
-    tensors: integers, bools, tiny tensors, tensors matching an exact pattern, key
-    checkpoints, and everything in lossless mode.
+    The tensor's bytes as they are in memory (C order, little-endian). Used for tiny exact
+    tensors and when exact coding is turned off.
+
+``bp/1``
+    Lossless byte planes: byte ``j`` of every element forms plane ``j``; each plane is
+    rANS-coded with its own frequency table, or stored raw when coding would not save, or
+    is a fill. Against a base, the planes are those of ``x XOR base``. Used for exact
+    tensors: integers, key checkpoints, tensors matching an exact pattern, lossless mode.
 
 ``lc/1``
     Closed-loop LC-Checkpoint: exponent-bucketed delta against a base, Huffman-coded in
@@ -15,6 +20,18 @@ Two codecs exist:
     its payload holds, each part starting on an 8-byte boundary: the uint32 bit length of
     every chunk, the stream's 64-bit words, the int64 indices of the exceptions and their
     exact values.
+
+``lc/2``
+    ``lc/1``'s symbols, rANS-coded (``reference.rans_encode``): below one bit per element
+    where one symbol dominates. The record has rANS frequencies instead of code lengths;
+    the payload has the uint32 word count of every chunk and the 16-bit words.
+
+``lq/1``
+    Log-domain quantization for optimizer moments (``reference.lq_symbols``): each value
+    becomes the bin of its sign, exponent and top mantissa bits, or keeps the base scaled by
+    ``scale`` (Adam's decay over the steps between the checkpoints) where that falls in the
+    same bin. Relative error is bounded by the bin width, so a second moment never drops to
+    zero under a nonzero first moment. Symbols are rANS-coded as in ``lc/2``.
 
 Planning the buckets and the Huffman code uses the histogram of pass 1 only: the data never
 comes back to the host between the passes.
@@ -30,13 +47,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lctriton import backend, huffman
+from lctriton import backend, huffman, rans
 from lctriton.errors import FormatError
 from lctriton.kernels import reference
 
 __all__ = [
     "RAW",
     "LC",
+    "LC2",
+    "LQ",
+    "BP",
+    "plan_log_buckets",
+    "encode_lq",
+    "encode_bp",
     "DTYPES",
     "BucketPlan",
     "plan_buckets",
@@ -51,6 +74,23 @@ _FINGERPRINT = re.compile("[0-9a-f]{16}")
 
 RAW = "raw/1"
 LC = "lc/1"
+LC2 = "lc/2"
+LQ = "lq/1"
+BP = "bp/1"
+#: Codecs whose symbols are rANS-coded.
+RANS_CODECS = (LC2, LQ)
+ALL_CODECS = (RAW, BP, LC, LC2, LQ)
+#: Codecs that code a floating tensor lossily.
+LOSSY_CODECS = (LC, LC2, LQ)
+#: Codecs whose records name a base.
+DELTA_CODECS = (LC, LC2, LQ, BP)
+#: Mantissa bits of an lq/1 bin: 2**precision bins per octave.
+MAX_LOG_PRECISION = 4
+#: Coders of the lossy codecs' symbols.
+CODERS = ("auto", "huffman", "rans")
+#: With ``coder="auto"``, rANS is used where it saves at least this fraction of the Huffman
+#: payload: elsewhere Huffman is within a few percent of the entropy and codes faster.
+RANS_MIN_SAVING = 0.10
 
 #: dtype name in a file -> torch dtype. Only these can be stored.
 DTYPES: dict[str, torch.dtype] = {
@@ -178,10 +218,74 @@ def encode_raw(tensor: torch.Tensor) -> EncodedTensor:
     return EncodedTensor(record, [_as_bytes_array(tensor)])
 
 
+def _huffman_bits(counts: np.ndarray, lengths: np.ndarray, nchunks: int) -> float:
+    """Huffman payload in bits: the codes plus, per chunk, half a word of padding and the
+    32-bit chunk length."""
+    return float((counts * lengths).sum()) + nchunks * (32 + 32)
+
+
+def _rans_bits(counts: np.ndarray, freqs: np.ndarray, nchunks: int) -> float:
+    """rANS payload in bits: the ideal code plus, per chunk, the 32-bit final state, half a
+    word of padding and the 32-bit word count."""
+    return rans.coded_bits(counts, freqs) + nchunks * (32 + 8 + 32)
+
+
+def choose_coder(counts: np.ndarray, lengths: np.ndarray, freqs: np.ndarray, nchunks: int, coder: str) -> str:
+    """``"huffman"`` or ``"rans"`` for a symbol histogram under ``coder`` (see :data:`CODERS`)."""
+    if coder != "auto":
+        return coder
+    huff = _huffman_bits(counts, lengths, nchunks)
+    return "rans" if _rans_bits(counts, freqs, nchunks) <= (1.0 - RANS_MIN_SAVING) * huff else "huffman"
+
+
+def _exceptions(x: torch.Tensor, b: torch.Tensor | None, recon: torch.Tensor, hist: np.ndarray, nonfinite: bool):
+    """Exceptions exist only where the delta (or value) is non-finite, which its key tells,
+    or the reconstruction overflowed; both flags are free."""
+    per_key = hist.reshape(reference.NUM_KEYS, reference.FINE_PER_KEY).sum(axis=1)
+    nonfinite_keys = per_key[reference.NONFINITE_EXPONENT :: 256].sum() > 0
+    if not (nonfinite_keys or nonfinite):
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=x.dtype)
+    exc_index, exc_values = reference.lc_exceptions(x, b, recon)
+    recon[exc_index.to(recon.device)] = exc_values.to(recon.device)
+    return exc_index, exc_values
+
+
+def _host_parts(tensors: list[torch.Tensor], dtypes: list[Any]) -> tuple[list[np.ndarray], Any]:
+    """Payload parts on the host: CUDA tensors go through pinned buffers on a side stream,
+    so only compressed bytes cross and the copy overlaps whatever the caller launches next."""
+    if tensors and tensors[0].device.type == "cuda":
+        hosts, ready = _to_pinned_host(tensors)
+        return [h.numpy().view(d) for h, d in zip(hosts, dtypes, strict=True)], ready
+    return [t.cpu().numpy().view(d) for t, d in zip(tensors, dtypes, strict=True)], None
+
+
+def _rans_parts(
+    symbols: torch.Tensor, counts: np.ndarray, chunk_symbols: int
+) -> tuple[np.ndarray, int | None, torch.Tensor, torch.Tensor]:
+    """The rANS stage of one symbol stream: its table, fill symbol, words and chunk table."""
+    freqs = rans.quantize_frequencies(counts)
+    fill = rans.fill_symbol(freqs)
+    dev = symbols.device
+    nchunks = -(-symbols.numel() // chunk_symbols)
+    if fill is not None or symbols.numel() == 0:
+        fill = 0 if fill is None else fill
+        return freqs, fill, torch.zeros(0, dtype=torch.int16, device=dev), torch.zeros(nchunks, dtype=torch.int64, device=dev)
+    words, chunk_words = backend.rans_encode(symbols, torch.from_numpy(freqs).to(dev), chunk_symbols)
+    return freqs, None, words, chunk_words
+
+
 def encode_lc(
-    tensor: torch.Tensor, base: torch.Tensor | None, bits: int, chunk_symbols: int
+    tensor: torch.Tensor, base: torch.Tensor | None, bits: int, chunk_symbols: int, coder: str = "huffman"
 ) -> EncodedTensor:
-    """Code a floating tensor lossily against ``base`` (or zeros) with ``lc/1``.
+    """Code a floating tensor lossily against ``base`` (or zeros) with ``lc/1`` or ``lc/2``.
+
+    Args:
+        tensor: The tensor.
+        base: Its base, or None.
+        bits: Symbol width.
+        chunk_symbols: Symbols per chunk.
+        coder: ``"huffman"`` (lc/1), ``"rans"`` (lc/2) or ``"auto"``: rANS where it saves at
+            least :data:`RANS_MIN_SAVING` of the Huffman payload, by the histogram.
 
     Returns:
         The encoded tensor; ``reconstruction`` is what a decoder restores, in the tensor's
@@ -197,28 +301,15 @@ def encode_lc(
     hist = backend.lc_histogram(x, b).cpu().numpy()
     plan = plan_buckets(hist, bits)
     lengths = huffman.code_lengths(plan.symbol_counts)
-    fill = None
-    if not lengths.any():
-        used = np.flatnonzero(plan.symbol_counts)
-        fill = int(used[0]) if used.size else 0
+    nchunks = -(-x.numel() // chunk_symbols)
+    if lengths.any():
+        freqs = rans.quantize_frequencies(plan.symbol_counts)
+        coder = choose_coder(plan.symbol_counts, lengths, freqs, nchunks, coder)
+    else:
+        coder = "huffman"  # a fill: no stream either way
     dev = x.device
-    stream, chunk_bits, recon, nonfinite = backend.lc_encode(
-        x,
-        b,
-        torch.from_numpy(plan.key_to_symbol).to(dev),
-        torch.from_numpy(plan.representatives).to(dev),
-        torch.from_numpy(lengths).to(dev),
-        chunk_symbols,
-    )
-    # Exceptions exist only where the delta is non-finite (its key is) or the
-    # reconstruction overflowed; the histogram tells the first case for free.
-    per_key = hist.reshape(reference.NUM_KEYS, reference.FINE_PER_KEY).sum(axis=1)
-    nonfinite_keys = per_key[reference.NONFINITE_EXPONENT :: 256].sum() > 0
-    exc_index = torch.zeros(0, dtype=torch.int64)
-    exc_values = torch.zeros(0, dtype=x.dtype)
-    if nonfinite_keys or nonfinite:
-        exc_index, exc_values = reference.lc_exceptions(x, b, recon)
-        recon[exc_index.to(recon.device)] = exc_values.to(recon.device)
+    lut = torch.from_numpy(plan.key_to_symbol).to(dev)
+    reps = torch.from_numpy(plan.representatives).to(dev)
     record = {
         "codec": LC,
         "dtype": DTYPE_NAMES[x.dtype],
@@ -226,23 +317,234 @@ def encode_lc(
         "bits": bits,
         "chunk": chunk_symbols,
         "reps": plan.representatives.view(np.uint32).tolist(),
-        "lengths": lengths.tolist(),
-        "fill": fill,
-        "words": int(stream.numel()),
-        "exceptions": int(exc_index.numel()),
-        "bound": plan.error_bound,
-        "base": None if b is None else f"{backend.fingerprint(b):016x}",
     }
-    ready = None
-    if dev.type == "cuda":
-        # Only compressed bytes cross to the host: into pinned buffers, on a side stream,
-        # so the copy overlaps whatever the caller launches next.
-        (chunk_host, stream_host), ready = _to_pinned_host([chunk_bits.to(torch.int32), stream])
-        chunk_part, stream_part = chunk_host.numpy().view(np.uint32), stream_host.numpy()
+    if coder == "rans":
+        symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
+        freqs, fill, words, chunk_words = _rans_parts(symbols, plan.symbol_counts, chunk_symbols)
+        del symbols
+        record.update(codec=LC2, freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
+        (chunk_part, stream_part), ready = _host_parts(
+            [chunk_words.to(torch.int32), words], [np.uint32, np.uint16]
+        )
     else:
-        chunk_part, stream_part = chunk_bits.cpu().numpy().astype(np.uint32), stream.cpu().numpy()
+        fill = None
+        if not lengths.any():
+            used = np.flatnonzero(plan.symbol_counts)
+            fill = int(used[0]) if used.size else 0
+        stream, chunk_bits, recon, nonfinite = backend.lc_encode(
+            x, b, lut, reps, torch.from_numpy(lengths).to(dev), chunk_symbols
+        )
+        record.update(lengths=lengths.tolist(), fill=fill, words=int(stream.numel()))
+        (chunk_part, stream_part), ready = _host_parts([chunk_bits.to(torch.int32), stream], [np.uint32, np.int64])
+    exc_index, exc_values = _exceptions(x, b, recon, hist, nonfinite)
+    record.update(
+        exceptions=int(exc_index.numel()),
+        bound=plan.error_bound,
+        base=None if b is None else f"{backend.fingerprint(b):016x}",
+    )
     parts = [chunk_part, stream_part, exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
+
+
+def plan_log_buckets(histogram: np.ndarray, precision: int) -> BucketPlan:
+    """Bins of constant relative width for ``lq/1``, from the fine-key histogram of the values.
+
+    A bin is a (sign, exponent, top ``precision`` mantissa bits) triple, ``2**precision``
+    bins per octave. The 255 most populated bins with a finite, nonzero exponent field
+    become symbols 1, 2, ... (by key order); zeros and subnormals of each sign get a symbol
+    decoding to a signed zero; every other fine key (rarer bins, non-finite values) takes the
+    symbol of the nearest kept bin of its sign (the zero of its sign when none is kept).
+    Each symbol's value is the mean of its bin,
+    every element at the middle of its fine key's interval.
+
+    Args:
+        histogram: int64 counts of the values' ``NUM_FINE_KEYS`` fine keys (pass 1 without
+            a base).
+        precision: Mantissa bits per bin, 0 to :data:`MAX_LOG_PRECISION`.
+
+    Returns:
+        The plan (``error_bound`` is the largest relative error of a kept bin, 2**-precision).
+    """
+    fine = np.asarray(histogram, dtype=np.int64).reshape(-1)
+    per_bin = reference.FINE_PER_KEY >> precision  # fine keys per bin
+    nbins = fine.size // per_bin
+    counts = fine.reshape(nbins, per_bin).sum(axis=1)
+    bins = np.arange(nbins)
+    exponent = (bins >> precision) & 0xFF
+    sign = bins >> (8 + precision)
+    zero_bins = exponent == 0
+    finite = (exponent != reference.NONFINITE_EXPONENT) & ~zero_bins
+    candidates = bins[finite & (counts > 0)]
+    budget = 255 - 2  # two symbols for the signed zeros
+    kept = np.sort(candidates[np.argsort(-counts[candidates], kind="stable")[:budget]])
+    bin_symbol = np.zeros(nbins, dtype=np.int64)
+    nsym = 1
+    reps: list[float] = [0.0]
+    symbol_counts = [0]
+    for sgn in (0, 1):
+        zero_symbol = nsym
+        reps.append(-0.0 if sgn else 0.0)
+        symbol_counts.append(int(counts[zero_bins & (sign == sgn)].sum()))
+        nsym += 1
+        mine = kept[sign[kept] == sgn]
+        same_sign = bins[sign == sgn]
+        if mine.size:
+            for k in mine.tolist():
+                lo = k * per_bin
+                weights = fine[lo : lo + per_bin]
+                mids = (np.arange(lo, lo + per_bin, dtype=np.int64) << reference.FINE_SHIFT) + (1 << (reference.FINE_SHIFT - 1))
+                values = mids.astype(np.uint32).view(np.float32).astype(np.float64)
+                reps.append(float(np.dot(weights, values) / weights.sum()))
+                symbol_counts.append(int(counts[k]))
+            # Every bin of this sign takes the symbol of the nearest kept bin (by key order,
+            # which is log order for one sign); exact midpoints go to the larger magnitude.
+            pos = np.searchsorted(mine, same_sign)
+            lower = mine[np.clip(pos - 1, 0, mine.size - 1)]
+            upper = mine[np.clip(pos, 0, mine.size - 1)]
+            nearest = np.where(np.abs(same_sign - lower) < np.abs(upper - same_sign), lower, upper)
+            index = np.searchsorted(mine, nearest)
+            bin_symbol[same_sign] = nsym + index
+            nsym += mine.size
+        else:
+            bin_symbol[same_sign] = zero_symbol
+        bin_symbol[same_sign[zero_bins[same_sign]]] = zero_symbol
+    key_to_symbol = np.repeat(bin_symbol.astype(np.uint8), per_bin)
+    representatives = np.array(reps, dtype=np.float32)
+    return BucketPlan(key_to_symbol, representatives, np.array(symbol_counts, dtype=np.int64), math.ldexp(1.0, -precision))
+
+
+def encode_lq(
+    tensor: torch.Tensor,
+    base: torch.Tensor | None,
+    scale: float,
+    precision: int,
+    chunk_symbols: int,
+    predict_only: bool = False,
+) -> EncodedTensor:
+    """Code a floating tensor (an optimizer moment) with ``lq/1``.
+
+    Args:
+        tensor: The tensor.
+        base: Its base (the previous reconstruction), or None.
+        scale: Factor the base is multiplied by to predict the tensor (a decay; 1.0 keeps it).
+        precision: Mantissa bits per bin (``2**precision`` bins per octave).
+        chunk_symbols: Symbols per rANS chunk.
+        predict_only: Store no values: every element restores to the prediction (needs a
+            base). The tensor is then a fill of symbol 0 and costs only its record.
+
+    Returns:
+        The encoded tensor with its reconstruction.
+    """
+    x = tensor.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    b = None if base is None else base.detach().to(x.device).contiguous()
+    scale = float(np.float32(scale))
+    dev = x.device
+    if predict_only:
+        if b is None:
+            raise ValueError("predict_only needs a base")
+        plan = BucketPlan(np.ones(reference.NUM_FINE_KEYS, dtype=np.uint8), np.zeros(1, np.float32), np.zeros(1, np.int64), math.inf)
+        symbols = torch.zeros(x.numel(), dtype=torch.uint8, device=dev)
+        recon = backend.lq_reconstruct(symbols, torch.zeros(1, device=dev), b.reshape(-1), scale, x.dtype)
+        recon = recon.to(dev)
+        nonfinite = False
+        hist = np.zeros(reference.NUM_FINE_KEYS, dtype=np.int64)
+        counts = np.array([x.numel()], dtype=np.int64)
+        reps = plan.representatives
+    else:
+        hist = backend.lc_histogram(x, None).cpu().numpy()
+        plan = plan_log_buckets(hist, precision)
+        reps = plan.representatives
+        symbols, recon, nonfinite = backend.lq_symbols(
+            x, b, scale, torch.from_numpy(plan.key_to_symbol).to(dev), torch.from_numpy(reps).to(dev)
+        )
+        counts = torch.bincount(symbols.to(torch.int64), minlength=reps.size).cpu().numpy()
+    freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
+    del symbols
+    (chunk_part, stream_part), ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
+    # Non-finite values have a non-finite fine key; a non-finite prediction (from a
+    # non-finite base) shows in the reconstruction.
+    nonfinite_keys = hist.reshape(reference.NUM_KEYS, -1).sum(axis=1)[reference.NONFINITE_EXPONENT :: 256].sum() > 0
+    if predict_only:
+        nonfinite = not bool(torch.isfinite(recon).all()) or not bool(torch.isfinite(x).all())
+    exc_index, exc_values = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=x.dtype)
+    if nonfinite_keys or nonfinite:
+        exc_index, exc_values = reference.lc_exceptions(x, None, recon)
+        recon[exc_index.to(recon.device)] = exc_values.to(recon.device)
+    record = {
+        "codec": LQ,
+        "dtype": DTYPE_NAMES[x.dtype],
+        "shape": list(x.shape),
+        "precision": precision,
+        "scale": int(np.float32(scale).view(np.uint32)),
+        "chunk": chunk_symbols,
+        "reps": reps.view(np.uint32).tolist(),
+        "freqs": freqs.tolist(),
+        "fill": fill,
+        "words": int(words.numel()),
+        "exceptions": int(exc_index.numel()),
+        "bound": plan.error_bound if not predict_only else None,
+        "base": None if b is None else f"{backend.fingerprint(b):016x}",
+    }
+    parts = [chunk_part, stream_part, exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
+    return EncodedTensor(record, parts, recon.view(x.shape), ready)
+
+
+#: A byte plane is rANS-coded only where that saves at least this fraction of its bytes.
+PLANE_MIN_SAVING = 0.02
+
+
+def encode_bp(tensor: torch.Tensor, base: torch.Tensor | None, chunk_symbols: int) -> EncodedTensor:
+    """Store a tensor exactly as rANS-coded byte planes (``bp/1``).
+
+    Args:
+        tensor: Any tensor of a storable dtype.
+        base: A tensor of the same shape and dtype to XOR against, or None.
+        chunk_symbols: Symbols per rANS chunk.
+
+    Returns:
+        The encoded tensor; its reconstruction is the tensor itself (a copy).
+    """
+    x = tensor.detach().contiguous()
+    dev = x.device
+    itemsize = x.element_size()
+    n = x.numel()
+    planes_u8 = x.reshape(-1).view(torch.uint8).view(n, itemsize)
+    b = None
+    if base is not None:
+        b = base.detach().to(dev).contiguous()
+        planes_u8 = torch.bitwise_xor(planes_u8, b.reshape(-1).view(torch.uint8).view(n, itemsize))
+    nchunks = -(-n // chunk_symbols)
+    planes, tensors, dtypes = [], [], []
+    for j in range(itemsize):
+        plane = planes_u8[:, j].contiguous()
+        counts = torch.bincount(plane, minlength=256).cpu().numpy()
+        freqs = rans.quantize_frequencies(counts)
+        fill = rans.fill_symbol(freqs)
+        if fill is not None or n == 0:
+            planes.append({"fill": 0 if fill is None else fill})
+            continue
+        cost = _rans_bits(counts, freqs, nchunks) / 8
+        if cost > (1.0 - PLANE_MIN_SAVING) * n:
+            planes.append({"raw": True})
+            tensors.append(plane)
+            dtypes.append(np.uint8)
+            continue
+        words, chunk_words = backend.rans_encode(plane, torch.from_numpy(freqs).to(dev), chunk_symbols)
+        planes.append({"freqs": freqs.tolist(), "words": int(words.numel())})
+        tensors.extend([chunk_words.to(torch.int32), words])
+        dtypes.extend([np.uint32, np.uint16])
+    parts, ready = _host_parts(tensors, dtypes)
+    record = {
+        "codec": BP,
+        "dtype": DTYPE_NAMES[x.dtype],
+        "shape": list(x.shape),
+        "chunk": chunk_symbols,
+        "planes": planes,
+        "base": None if b is None else f"{backend.fingerprint(b):016x}",
+    }
+    return EncodedTensor(record, parts, None, ready)
 
 
 _side_streams: dict[int, Any] = {}
@@ -297,8 +599,10 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
     if not isinstance(record, dict):
         raise _fail(name, "record is not an object")
     codec = record.get("codec")
-    if codec not in (RAW, LC):
-        raise UnknownCodecError(f"tensor {name!r}: unknown codec {codec!r} (this reader knows {RAW}, {LC})")
+    if codec not in ALL_CODECS:
+        raise UnknownCodecError(
+            f"tensor {name!r}: unknown codec {codec!r} (this reader knows {', '.join(ALL_CODECS)})"
+        )
     dtype_name = record.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise _fail(name, f"unknown dtype {dtype_name!r}")
@@ -351,7 +655,99 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
         base = record.get("base")
         if base is not None and (not isinstance(base, str) or not _FINGERPRINT.fullmatch(base)):
             raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")
+    if codec in (LC2, LQ):
+        _validate_rans_record(record, name, codec, dtype_name, numel)
+    elif codec == BP:
+        _validate_planes(record, name, dtype_name, numel)
     return DTYPES[dtype_name], tuple(shape), numel
+
+
+def _chunk(record: dict, name: str) -> int:
+    chunk = _int(record, "chunk", name, 64, 1 << 16)
+    if chunk & (chunk - 1):
+        raise _fail(name, f"chunk {chunk} is not a power of two")
+    return chunk
+
+
+def _base_field(record: dict, name: str) -> None:
+    if "base" not in record:
+        raise _fail(name, "field 'base' is missing")
+    base = record["base"]
+    if base is not None and (not isinstance(base, str) or not _FINGERPRINT.fullmatch(base)):
+        raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")
+
+
+def _rans_table(record: dict, field: str, name: str, nsym: int, fill: Any, numel: int) -> None:
+    """Check a rANS frequency table and the fill that goes with it."""
+    try:
+        freqs = rans.validate_frequencies(record.get(field), nsym)
+    except ValueError as exc:
+        raise _fail(name, str(exc)) from None
+    single = rans.fill_symbol(freqs)
+    if fill is None:
+        if single is not None and numel:
+            raise _fail(name, "a stream needs at least two symbols of nonzero frequency")
+    elif isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < nsym:
+        raise _fail(name, f"'fill' must be a symbol below {nsym}, got {fill!r}")
+
+
+def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
+    if dtype_name not in _LOSSY_NAMES:
+        raise _fail(name, f"codec {codec} cannot hold dtype {dtype_name}")
+    _chunk(record, name)
+    if codec == LC2:
+        bits = _int(record, "bits", name, 1, 8)
+        most = 1 << bits
+    else:
+        _int(record, "precision", name, 0, MAX_LOG_PRECISION)
+        scale = _int(record, "scale", name, 0, (1 << 32) - 1)
+        value = float(np.uint32(scale).view(np.float32))
+        if not 0.0 < value < math.inf:
+            raise _fail(name, f"'scale' must be a positive finite float32, got {value!r}")
+        most = 256
+    reps = record.get("reps")
+    if not isinstance(reps, list) or not 1 <= len(reps) <= most:
+        raise _fail(name, f"'reps' must list 1 to {most} values")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 32 for r in reps):
+        raise _fail(name, "'reps' must hold uint32 bit patterns")
+    if "fill" not in record:
+        raise _fail(name, "field 'fill' is missing")
+    fill = record["fill"]
+    _rans_table(record, "freqs", name, len(reps), fill, numel)
+    words = _int(record, "words", name)
+    if fill is not None and words:
+        raise _fail(name, "a fill must not have a stream")
+    _int(record, "exceptions", name, 0, numel)
+    bound = record.get("bound")
+    if bound is not None and (
+        not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf
+    ):
+        raise _fail(name, f"'bound' must be a finite non-negative number or null, got {bound!r}")
+    _base_field(record, name)
+
+
+def _validate_planes(record: dict, name: str, dtype_name: str, numel: int) -> None:
+    _chunk(record, name)
+    itemsize = torch.empty(0, dtype=DTYPES[dtype_name]).element_size()
+    planes = record.get("planes")
+    if not isinstance(planes, list) or len(planes) != itemsize:
+        raise _fail(name, f"'planes' must list {itemsize} byte planes")
+    for j, plane in enumerate(planes):
+        if not isinstance(plane, dict):
+            raise _fail(name, f"plane {j} is not an object")
+        if set(plane) == {"fill"}:
+            fill = plane["fill"]
+            if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < 256:
+                raise _fail(name, f"plane {j}: 'fill' must be a byte, got {fill!r}")
+        elif set(plane) == {"raw"}:
+            if plane["raw"] is not True:
+                raise _fail(name, f"plane {j}: 'raw' must be true")
+        elif set(plane) == {"freqs", "words"}:
+            _rans_table(plane, "freqs", f"{name}' plane '{j}", 256, None, numel)
+            _int(plane, "words", name)
+        else:
+            raise _fail(name, f"plane {j} must hold 'fill', 'raw', or 'freqs' and 'words'")
+    _base_field(record, name)
 
 
 def payload_layout(record: dict, numel: int) -> list[tuple[str, int, int]]:
@@ -360,12 +756,21 @@ def payload_layout(record: dict, numel: int) -> list[tuple[str, int, int]]:
     if record["codec"] == RAW:
         return [("data", 0, numel * itemsize)]
     nchunks = -(-numel // record["chunk"])
-    sizes = [
-        ("chunk_bits", nchunks * 4),
-        ("stream", record["words"] * 8),
-        ("exc_index", record["exceptions"] * 8),
-        ("exc_values", record["exceptions"] * itemsize),
-    ]
+    if record["codec"] == BP:
+        sizes = []
+        for j, plane in enumerate(record["planes"]):
+            if "raw" in plane:
+                sizes.append((f"plane{j}", numel))
+            elif "freqs" in plane:
+                sizes += [(f"plane{j}_chunk_words", nchunks * 4), (f"plane{j}_stream", plane["words"] * 2)]
+    else:
+        word_bytes = 8 if record["codec"] == LC else 2
+        sizes = [
+            ("chunk_bits" if record["codec"] == LC else "chunk_words", nchunks * 4),
+            ("stream", record["words"] * word_bytes),
+            ("exc_index", record["exceptions"] * 8),
+            ("exc_values", record["exceptions"] * itemsize),
+        ]
     layout, offset = [], 0
     for part, size in sizes:
         layout.append((part, offset, size))

@@ -10,11 +10,28 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-__all__ = ["CodecOptions", "DEFAULT_EXACT_PATTERNS"]
+__all__ = ["CodecOptions", "DEFAULT_EXACT_PATTERNS", "MOMENT_PATTERNS", "MOMENT_MODES", "CODERS"]
 
 #: Name patterns (``fnmatch`` on the dotted path) that are always stored losslessly:
 #: counters and statistics whose exact value matters.
 DEFAULT_EXACT_PATTERNS: tuple[str, ...] = ("*num_batches_tracked", "*.step", "step")
+
+#: Name patterns of optimizer moments (Adam, AdamW, Adamax's second moment, SGD momentum,
+#: RMSprop), which ``moments`` decides how to code.
+MOMENT_PATTERNS: tuple[str, ...] = (
+    "*.exp_avg",
+    "*.exp_avg_sq",
+    "*.max_exp_avg_sq",
+    "*.exp_inf",
+    "*.momentum_buffer",
+    "*.square_avg",
+)
+
+#: How optimizer moments are coded in delta checkpoints.
+MOMENT_MODES = ("log", "predict", "lossy", "exact")
+
+#: Entropy coders of lossy symbols.
+CODERS = ("auto", "huffman", "rans")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +49,21 @@ class CodecOptions:
         min_numel: Tensors with fewer elements are stored exactly: the codec's tables would
             cost more than they save.
         chunk_symbols: Symbols per independently decodable chunk of the entropy-coded stream.
+        coder: Entropy coder of lossy symbols: ``"huffman"`` (``lc/1``), ``"rans"``
+            (``lc/2``, below one bit per symbol) or ``"auto"`` (rANS where the histogram
+            says it saves at least 10% of a tensor's Huffman payload).
+        moments: How optimizer moments (:data:`MOMENT_PATTERNS`) are coded in a delta:
+            ``"log"`` quantizes them in the log domain against the base decayed by the
+            optimizer's betas over the steps between the checkpoints (``lq/1``: relative
+            error bounded by the bin width, so no second moment collapses to zero);
+            ``"predict"`` stores no values and restores that decayed base; ``"lossy"``
+            codes them like weights (absolute error: small second moments become zero,
+            which can blow up Adam's first update after a restore); ``"exact"`` stores them
+            losslessly. Key checkpoints follow ``lossless_key``.
+        moment_precision: Mantissa bits of an ``lq/1`` bin: ``2**moment_precision`` bins per
+            octave, relative error up to ``2**-moment_precision``. 0 to 4.
+        code_exact: Entropy-code exactly stored tensors as byte planes (``bp/1``; against
+            the base's bytes when there is one) instead of storing their raw bytes.
     """
 
     bits: int = 3
@@ -40,11 +72,15 @@ class CodecOptions:
     exact: tuple[str, ...] = ()
     min_numel: int = 1024
     chunk_symbols: int = 4096
+    coder: str = "auto"
+    moments: str = "log"
+    moment_precision: int = 1
+    code_exact: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be an int from 1 to 8, got {self.bits!r}")
-        for name in ("lossless", "lossless_key"):
+        for name in ("lossless", "lossless_key", "code_exact"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         exact = self.exact
@@ -60,6 +96,14 @@ class CodecOptions:
             raise ValueError(
                 f"chunk_symbols must be a power of two from 64 to 65536, got {self.chunk_symbols!r}"
             )
+
+        if self.coder not in CODERS:
+            raise ValueError(f"coder must be one of {', '.join(CODERS)}, got {self.coder!r}")
+        if self.moments not in MOMENT_MODES:
+            raise ValueError(f"moments must be one of {', '.join(MOMENT_MODES)}, got {self.moments!r}")
+        p = self.moment_precision
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 4:
+            raise ValueError(f"moment_precision must be an int from 0 to 4, got {p!r}")
 
     @property
     def exact_patterns(self) -> tuple[str, ...]:

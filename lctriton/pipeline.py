@@ -32,12 +32,21 @@ import numpy as np
 import torch
 
 from lctriton import backend, codecs
-from lctriton.config import CodecOptions
+from lctriton.config import MOMENT_PATTERNS, CodecOptions
 from lctriton.errors import BaseMismatchError, FormatError
 from lctriton.format import Container
 from lctriton.kernels import reference
 
-__all__ = ["EncodedState", "encode_state", "encode_states", "decode_state", "flatten_tensors", "iter_tensors", "tensor_names"]
+__all__ = [
+    "EncodedState",
+    "encode_state",
+    "encode_states",
+    "decode_state",
+    "flatten_tensors",
+    "iter_tensors",
+    "tensor_names",
+    "moment_decay",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +234,100 @@ def _is_exact(name: str, tensor: torch.Tensor, options: CodecOptions) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in options.exact_patterns)
 
 
+def _is_moment(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MOMENT_PATTERNS)
+
+
+#: Per moment name: which Adam-style beta decays it when its gradient is zero.
+_DECAY_BETA = {"exp_avg": 0, "exp_avg_sq": 1}
+
+
+def _step_value(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach().cpu())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _optimizer_states(obj: Any, path: tuple = (), depth: int = 0) -> Iterator[tuple[tuple, Mapping]]:
+    """Every optimizer state dict (``{"state": ..., "param_groups": [...]}``) in a state."""
+    if depth > _MAX_DEPTH:
+        return
+    if isinstance(obj, Mapping):
+        if isinstance(obj.get("state"), Mapping) and isinstance(obj.get("param_groups"), (list, tuple)):
+            yield path, obj
+            return
+        for k, v in obj.items():
+            yield from _optimizer_states(v, path + (k,), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _optimizer_states(v, path + (i,), depth + 1)
+
+
+def _lookup(obj: Any, path: tuple) -> Any:
+    for key in path:
+        if isinstance(obj, Mapping) and key in obj:
+            obj = obj[key]
+        elif isinstance(obj, (list, tuple)) and isinstance(key, int) and 0 <= key < len(obj):
+            obj = obj[key]
+        else:
+            return None
+    return obj
+
+
+def moment_decay(obj: Any, base: Any) -> dict[str, float]:
+    """Decay of each Adam moment between ``base`` and ``obj``: ``beta ** K``.
+
+    ``K`` is the difference of the parameter's ``step`` counters and ``beta`` comes from its
+    param group's ``betas``: with a zero gradient, Adam's update is exactly that decay, so
+    it predicts every element whose parameter was not touched (embedding rows of unseen
+    tokens, frozen parts). Moments without the information (other optimizers, missing
+    counters) are not listed, which means no decay.
+
+    Args:
+        obj: The state being saved.
+        base: The state its delta is coded against.
+
+    Returns:
+        Dotted tensor name to decay factor.
+    """
+    scales: dict[str, float] = {}
+    if base is None:
+        return scales
+    for path, opt in _optimizer_states(obj):
+        base_opt = _lookup(base, path)
+        if not isinstance(base_opt, Mapping) or not isinstance(base_opt.get("state"), Mapping):
+            continue
+        for group in opt["param_groups"]:
+            if not isinstance(group, Mapping):
+                continue
+            betas = group.get("betas")
+            if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+                continue
+            for pid in group.get("params", ()):
+                now, before = opt["state"].get(pid), base_opt["state"].get(pid)
+                if not isinstance(now, Mapping) or not isinstance(before, Mapping):
+                    continue
+                k_now, k_before = _step_value(now.get("step")), _step_value(before.get("step"))
+                if k_now is None or k_before is None or k_now < k_before:
+                    continue
+                steps = int(round(k_now - k_before))
+                for moment, which in _DECAY_BETA.items():
+                    beta = betas[which]
+                    if isinstance(beta, torch.Tensor):
+                        beta = float(beta)
+                    if isinstance(beta, (int, float)) and 0.0 < beta <= 1.0:
+                        scales[_path_name(path + ("state", pid, moment))] = float(beta) ** steps
+    return scales
+
+
+def _encode_exact(tensor: torch.Tensor, base: torch.Tensor | None, options: CodecOptions) -> codecs.EncodedTensor:
+    if options.code_exact and tensor.numel() >= options.min_numel:
+        return codecs.encode_bp(tensor, base, options.chunk_symbols)
+    return codecs.encode_raw(tensor)
+
+
 def encode_state(
     obj: Any,
     base: Any,
@@ -283,22 +386,30 @@ def encode_states(
     total = sum(t.numel() * t.element_size() for flat in flats for _, t in flat.tensors)
     done = 0
 
+    decays = [moment_decay(obj, base) for obj, base in items]
+
     def encode_one(job: tuple[int, int]) -> codecs.EncodedTensor:
         k, i = job
         name, tensor = flats[k].tensors[i]
-        if _is_exact(name, tensor, options):
-            encoded = codecs.encode_raw(tensor)
-            encoded.reconstruction = tensor.detach().clone() if reconstruct else None
-            return encoded
         b = bases[k].get(name)
         if b is not None and (b.shape != tensor.shape or b.dtype != tensor.dtype):
             logger.info("base tensor %r differs in shape or dtype; storing a key for it", name)
             b = None
-        if b is None and options.lossless_key:
-            encoded = codecs.encode_raw(tensor)
+        moment = _is_moment(name) and options.moments != "lossy"
+        exact = _is_exact(name, tensor, options) or (moment and options.moments == "exact")
+        if not exact and b is None and options.lossless_key:
+            exact = True
+        if exact:
+            encoded = _encode_exact(tensor, b, options)
             encoded.reconstruction = tensor.detach().clone() if reconstruct else None
             return encoded
-        encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols)
+        if moment:
+            encoded = codecs.encode_lq(
+                tensor, b, decays[k].get(name, 1.0), options.moment_precision, options.chunk_symbols,
+                predict_only=options.moments == "predict" and b is not None,
+            )
+        else:
+            encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols, options.coder)
         encoded.reconstruction = encoded.reconstruction.to(tensor.device) if reconstruct else None
         return encoded
 
@@ -496,6 +607,116 @@ def _part(view: memoryview, layout: list, name: str, part: str, dtype: np.dtype)
     raise AssertionError(part)  # layout always lists every part of its codec
 
 
+def _checked_base(
+    rec: dict, name: str, shape: tuple[int, ...], dtype: torch.dtype, base_tensors: dict[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The base a record was coded against, checked by its fingerprint."""
+    if rec["base"] is None:
+        return None
+    b = base_tensors.get(name)
+    if b is None:
+        raise BaseMismatchError(
+            f"tensor {name!r} is a delta against base {rec['base']}; pass the state the "
+            "previous checkpoint restores to as base="
+        )
+    if tuple(b.shape) != shape or b.dtype != dtype:
+        raise BaseMismatchError(
+            f"tensor {name!r}: the base given is {tuple(b.shape)} {b.dtype}, the delta needs {shape} {dtype}"
+        )
+    found = f"{backend.fingerprint(b):016x}"
+    if found != rec["base"]:
+        raise BaseMismatchError(
+            f"tensor {name!r} was coded against base {rec['base']} but the base given is {found}: "
+            "it is not the state the previous checkpoint restores to"
+        )
+    return b
+
+
+def _apply_exceptions(out: torch.Tensor, exc_index: np.ndarray, exc_values: np.ndarray, dtype: torch.dtype) -> None:
+    if exc_index.size:
+        values = torch.frombuffer(bytearray(exc_values.tobytes()), dtype=dtype)
+        out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
+
+
+def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values):
+    """What turns an lc/2 or lq/1 record's symbols into its tensor."""
+
+    def finish(symbols: list[torch.Tensor]) -> torch.Tensor:
+        device = torch.device(dev)
+        if symbols:
+            sym = symbols[0].to(device)
+        else:
+            sym = torch.full((numel,), rec["fill"], dtype=torch.uint8, device=device)
+        flat_base = None if b is None else b.reshape(-1)
+        if rec["codec"] == codecs.LQ:
+            scale = float(np.uint32(rec["scale"]).view(np.float32))
+            out = backend.lq_reconstruct(sym, reps.to(device), flat_base, scale, dtype)
+        else:
+            out = backend.lc_reconstruct(sym, reps.to(device), flat_base, dtype)
+        out = out.to(device)
+        _apply_exceptions(out, exc_index, exc_values, dtype)
+        return out
+
+    return finish
+
+
+def _plane_finisher(rec, view, layout, name, numel, dtype, b, dev):
+    """What turns a bp/1 record's decoded planes into its tensor."""
+    raw_planes = {
+        j: _part(view, layout, name, f"plane{j}", np.dtype(np.uint8))
+        for j, plane in enumerate(rec["planes"]) if "raw" in plane
+    }
+
+    def finish(symbols: list[torch.Tensor]) -> torch.Tensor:
+        device = torch.device(dev)
+        itemsize = len(rec["planes"])
+        out = torch.empty((numel, itemsize), dtype=torch.uint8, device=device)
+        coded = iter(symbols)
+        for j, plane in enumerate(rec["planes"]):
+            if "fill" in plane:
+                out[:, j] = plane["fill"]
+            elif "raw" in plane:
+                out[:, j] = torch.from_numpy(raw_planes[j].copy()).to(device)
+            else:
+                out[:, j] = next(coded).to(device)
+        if b is not None:
+            out ^= b.reshape(-1).view(torch.uint8).view(numel, itemsize).to(device)
+        flat = out.view(-1).view(dtype) if numel else torch.empty(0, dtype=dtype, device=device)
+        if dtype == torch.bool and bool((out > 1).any()):
+            raise FormatError(f"tensor {name!r}: a bool tensor holds bytes other than 0 and 1")
+        return flat
+
+    return finish
+
+
+def _decode_rans(rans_items, records, finishers) -> list[torch.Tensor]:
+    """Decode every rANS stream, grouped by chunk size and device, on a pool of threads."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for k, (chunk, _, dev) in enumerate(rans_items):
+        groups.setdefault((chunk, dev), []).append(k)
+    work = []
+    for (chunk, dev), members in groups.items():
+        threads = cpu_threads() if dev == "cpu" and backend.threads_allowed(dev) else 1
+        parts = _balanced_groups([rans_items[k][1].numel for k in members], threads)
+        work.extend((chunk, dev, [members[j] for j in part]) for part in parts)
+    owner = {k: i for i, streams, _ in finishers for k in streams}
+
+    def decode_group(job):
+        chunk, dev, members = job
+        try:
+            return backend.rans_decode([rans_items[k][1] for k in members], chunk, torch.device(dev))
+        except ValueError as exc:
+            names = ", ".join(repr(records[owner[k]]["name"]) for k in members[:3])
+            raise FormatError(f"corrupt stream among tensors {names}: {exc}") from None
+
+    symbols: list[torch.Tensor | None] = [None] * len(rans_items)
+    with ThreadPoolExecutor(len(work)) if len(work) > 1 else _Inline() as pool:
+        for (_, _, members), outs in zip(work, pool.map(decode_group, work)):
+            for k, out in zip(members, outs):
+                symbols[k] = out
+    return symbols  # type: ignore[return-value]
+
+
 def decode_state(
     container: Container,
     base: Any = None,
@@ -527,6 +748,19 @@ def decode_state(
     pending: list[tuple[int, reference.LcStream, np.ndarray, np.ndarray]] = []
     total = sum(n * torch.empty(0, dtype=d).element_size() for d, _, n in shapes)
     done = 0
+    # rANS streams of every record, decoded together per (chunk size, device), and what
+    # turns each record's decoded symbols into its tensor.
+    rans_items: list[tuple[int, reference.RansStream, str]] = []
+    finishers: list[tuple[int, list[int], Callable[[list[torch.Tensor]], torch.Tensor]]] = []
+
+    def add_stream(rec: dict, chunk_words: np.ndarray, words: np.ndarray, numel: int, freqs: list[int], dev: str) -> int:
+        rans_items.append(
+            (rec["chunk"], reference.RansStream(
+                torch.from_numpy(words.copy()).view(torch.int16), torch.from_numpy(chunk_words.astype(np.int64)),
+                numel, np.array(freqs, dtype=np.int64)), dev)
+        )
+        return len(rans_items) - 1
+
     for i, (rec, (dtype, shape, numel)) in enumerate(zip(records, shapes)):
         name = rec["name"]
         view = container.section(rec["section"])
@@ -545,24 +779,32 @@ def decode_state(
             if progress is not None:
                 progress(done, total)
             continue
-        b = None
-        if rec["base"] is not None:
-            b = base_tensors.get(name)
-            if b is None:
-                raise BaseMismatchError(
-                    f"tensor {name!r} is a delta against base {rec['base']}; pass the state the "
-                    "previous checkpoint restores to as base="
-                )
-            if tuple(b.shape) != shape or b.dtype != dtype:
-                raise BaseMismatchError(
-                    f"tensor {name!r}: the base given is {tuple(b.shape)} {b.dtype}, the delta needs {shape} {dtype}"
-                )
-            found = f"{backend.fingerprint(b):016x}"
-            if found != rec["base"]:
-                raise BaseMismatchError(
-                    f"tensor {name!r} was coded against base {rec['base']} but the base given is {found}: "
-                    "it is not the state the previous checkpoint restores to"
-                )
+        b = _checked_base(rec, name, shape, dtype, base_tensors)
+        dev = b.device.type if b is not None else "cpu"
+        if rec["codec"] == codecs.BP:
+            streams = []
+            for j, plane in enumerate(rec["planes"]):
+                if "freqs" in plane:
+                    cw = _part(view, layout, name, f"plane{j}_chunk_words", np.dtype(np.uint32))
+                    words = _part(view, layout, name, f"plane{j}_stream", np.dtype(np.uint16))
+                    streams.append(add_stream(rec, cw, words, numel, plane["freqs"], dev))
+            finishers.append((i, streams, _plane_finisher(rec, view, layout, name, numel, dtype, b, dev)))
+            continue
+        exc_index = _part(view, layout, name, "exc_index", np.dtype(np.int64))
+        exc_values = _part(view, layout, name, "exc_values", np.dtype(np.uint8))
+        if exc_index.size and (exc_index.min() < 0 or exc_index.max() >= numel):
+            raise FormatError(f"tensor {name!r}: exception index out of range")
+        if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
+            raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
+        reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
+        if rec["codec"] in codecs.RANS_CODECS:
+            cw = _part(view, layout, name, "chunk_words", np.dtype(np.uint32))
+            words = _part(view, layout, name, "stream", np.dtype(np.uint16))
+            if rec["fill"] is not None and cw.any():
+                raise FormatError(f"tensor {name!r}: a fill must not have a stream")
+            streams = [] if rec["fill"] is not None else [add_stream(rec, cw, words, numel, rec["freqs"], dev)]
+            finishers.append((i, streams, _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values)))
+            continue
         chunk_bits = _part(view, layout, name, "chunk_bits", np.dtype(np.uint32)).astype(np.int64)
         stream = _part(view, layout, name, "stream", np.dtype(np.int64))
         lengths = np.array(rec["lengths"], dtype=np.uint8)
@@ -570,13 +812,6 @@ def decode_state(
             raise FormatError(f"tensor {name!r}: a fill must not have a stream")
         if lengths.any() and int(((chunk_bits + 63) // 64).sum()) != stream.size:
             raise FormatError(f"tensor {name!r}: stream length does not match its chunk table")
-        reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
-        exc_index = _part(view, layout, name, "exc_index", np.dtype(np.int64))
-        exc_values = _part(view, layout, name, "exc_values", np.dtype(np.uint8))
-        if exc_index.size and (exc_index.min() < 0 or exc_index.max() >= numel):
-            raise FormatError(f"tensor {name!r}: exception index out of range")
-        if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
-            raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         item = reference.LcStream(
             torch.from_numpy(stream.copy()),
             torch.from_numpy(chunk_bits),
@@ -588,6 +823,15 @@ def decode_state(
             dtype,
         )
         pending.append((i, item, exc_index, exc_values))
+
+    def finished(i: int, out: torch.Tensor) -> None:
+        nonlocal done
+        dtype, shape, numel = shapes[i]
+        tensors[i] = out.reshape(shape)
+        done += numel * out.element_size()
+        if progress is not None:
+            progress(done, total)
+
     if pending:
         groups: dict[tuple[int, str], list] = {}
         for entry in pending:
@@ -611,14 +855,13 @@ def decode_state(
         with ThreadPoolExecutor(len(work)) if len(work) > 1 else _Inline() as pool:
             for (_, _, entries), outs in zip(work, pool.map(decode_group, work)):
                 for (i, _, exc_index, exc_values), out in zip(entries, outs):
-                    dtype, shape, numel = shapes[i]
-                    if exc_index.size:
-                        values = torch.frombuffer(bytearray(exc_values.tobytes()), dtype=dtype)
-                        out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
-                    tensors[i] = out.reshape(shape)
-                    done += numel * out.element_size()
-                    if progress is not None:
-                        progress(done, total)
+                    dtype = shapes[i][0]
+                    _apply_exceptions(out, exc_index, exc_values, dtype)
+                    finished(i, out)
+    if finishers:
+        symbols = _decode_rans(rans_items, records, finishers)
+        for i, streams, finish in finishers:
+            finished(i, finish([symbols[k] for k in streams]))
     for i, rec in enumerate(records):
         t = tensors[i]
         if rec["kind"] == "ndarray":
@@ -626,7 +869,7 @@ def decode_state(
             continue
         if target is not None:
             t = t.to(target)
-        elif rec["codec"] == codecs.LC and rec["base"] is not None:
+        elif rec["codec"] in codecs.DELTA_CODECS and rec["base"] is not None:
             t = t.to(base_tensors[rec["name"]].device)
         tensors[i] = t
     return _rebuild(index["tree"], tensors)

@@ -1,6 +1,7 @@
 """Round trips of the codec: dtypes, shapes, special values, exact paths and error bounds."""
 
 import collections
+import copy
 import math
 
 import numpy as np
@@ -161,7 +162,9 @@ def test_exact_paths_are_byte_identical():
     restored = lctriton.decompress(c, base=base)
     for k, v in state.items():
         assert_bit_exact(restored[k], v, k)
-    assert all(r["codec"] == codecs.RAW for r in c.index["tensors"])
+    assert all(r["codec"] in (codecs.RAW, codecs.BP) for r in c.index["tensors"])
+    raw = lctriton.compress(state, base=base, exact=["marked.*"], code_exact=False)
+    assert all(r["codec"] == codecs.RAW for r in raw.index["tensors"])
 
 
 def test_non_tensor_leaves_round_trip():
@@ -229,7 +232,8 @@ def test_lossy_key_checkpoint_against_zeros():
 def test_base_with_other_shape_gives_a_key_for_that_tensor():
     x = torch.randn(5000)
     c = lctriton.compress({"w": x}, base={"w": torch.randn(4000)})
-    assert c.index["tensors"][0]["codec"] == codecs.RAW
+    record = c.index["tensors"][0]
+    assert record["codec"] in (codecs.RAW, codecs.BP) and record["base"] is None
 
 
 def test_wrong_or_missing_base_is_detected():
@@ -388,3 +392,170 @@ def test_compress_each_matches_compress_state_by_state():
     assert len(lctriton.compress_each(states)) == 3
     with pytest.raises(ValueError, match="one entry per state"):
         lctriton.compress_each(states, [None])
+
+
+# --------------------------------------------------------------------------- rANS, moments, planes
+
+
+def _sparse_pair(n=200_000, changed=0.02, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    x = base + (torch.rand(n, generator=g) < changed) * torch.randn(n, generator=g) * 1e-2
+    return x, base
+
+
+def test_rans_codes_below_one_bit_per_element():
+    x, base = _sparse_pair()
+    auto = lctriton.compress({"w": x}, base={"w": base})
+    huff = lctriton.compress({"w": x}, base={"w": base}, coder="huffman")
+    assert auto.index["tensors"][0]["codec"] == codecs.LC2
+    assert huff.index["tensors"][0]["codec"] == codecs.LC
+    assert huff.payload_nbytes * 8 / x.numel() >= 1.0  # Huffman's floor
+    assert auto.payload_nbytes * 8 / x.numel() < 0.25
+    for c in (auto, huff):  # the same symbols: the same restored tensor
+        assert_bit_exact(lctriton.decompress(c, base={"w": base})["w"],
+                         lctriton.decompress(huff, base={"w": base})["w"])
+
+
+def test_coder_auto_keeps_huffman_where_rans_saves_little():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(100_000, generator=g)
+    x = base + torch.randn(100_000, generator=g) * 1e-2  # every element changes: dense symbols
+    assert lctriton.compress({"w": x}, base={"w": base}).index["tensors"][0]["codec"] == codecs.LC
+    forced = lctriton.compress({"w": x}, base={"w": base}, coder="rans")
+    assert forced.index["tensors"][0]["codec"] == codecs.LC2
+
+
+def test_bad_new_options_are_rejected():
+    with pytest.raises(ValueError, match="coder"):
+        lctriton.compress({"w": torch.ones(3)}, coder="zip")
+    with pytest.raises(ValueError, match="moments"):
+        lctriton.compress({"w": torch.ones(3)}, moments="drop")
+    with pytest.raises(ValueError, match="moment_precision"):
+        lctriton.compress({"w": torch.ones(3)}, moment_precision=9)
+    with pytest.raises(TypeError, match="code_exact"):
+        lctriton.compress({"w": torch.ones(3)}, code_exact="yes")
+
+
+def _adam_states(steps_between=3, seed=0):
+    """Two Adam states of an embedding model, ``steps_between`` steps apart; most rows are
+    never looked up, and some are looked up for the first time after the first state."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(3000, 16), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(low, high):
+        ids = torch.randint(low, high, (32, 4), generator=g)
+        loss = model(ids).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step(0, 200)
+    first = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    for _ in range(steps_between):
+        step(0, 400)  # rows 200..399 get their first gradients
+    second = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    return first, second
+
+
+def test_moment_decay_reads_betas_and_steps():
+    first, second = _adam_states(steps_between=3)
+    decay = lctriton.pipeline.moment_decay(second, first)
+    assert decay["optimizer.state.0.exp_avg"] == pytest.approx(0.9**3)
+    assert decay["optimizer.state.0.exp_avg_sq"] == pytest.approx(0.999**3)
+    assert lctriton.pipeline.moment_decay(second, None) == {}
+
+
+def test_log_moments_keep_second_moment_wherever_first_is_nonzero():
+    """The hazard of coding moments like weights: a second moment that restores to zero
+    under a nonzero first moment makes Adam's next update m / (sqrt(0) + eps) explode."""
+    first, second = _adam_states()
+    key, base = lctriton.compress(first, return_reconstruction=True)
+    name = "optimizer.state.0"
+
+    def moments(**options):
+        c = lctriton.compress(second, base=base, **options)
+        state = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
+        return c, state["exp_avg"], state["exp_avg_sq"]
+
+    c, m, v = moments()
+    codec_of = {r["name"]: r["codec"] for r in c.index["tensors"]}
+    assert codec_of[f"{name}.exp_avg"] == codec_of[f"{name}.exp_avg_sq"] == codecs.LQ
+    assert not bool(((v == 0) & (m != 0)).any())
+    true_v = second["optimizer"]["state"][0]["exp_avg_sq"]
+    true_m = second["optimizer"]["state"][0]["exp_avg"]
+    nz = true_v > 0
+    rel = ((v - true_v).abs() / true_v)[nz]
+    assert float(rel.max()) <= 0.5  # half-octave bins
+    update = m / (v.sqrt() + 1e-8)
+    true_update = true_m / (true_v.sqrt() + 1e-8)
+    assert float(update.abs().max()) <= 2 * float(true_update.abs().max())
+    # Coding them like weights loses small second moments under nonzero first moments.
+    _, m_lossy, v_lossy = moments(moments="lossy")
+    assert bool(((v_lossy == 0) & (m_lossy != 0)).any())
+
+
+@pytest.mark.parametrize("precision", [0, 1, 2])
+def test_log_quantization_error_is_relative(precision):
+    """The bound holds while the bins in use fit the 253 bin symbols (finer bins over a wide
+    range are merged into their neighbours)."""
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c = lctriton.compress(second, base=base, moment_precision=precision)
+    restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]["exp_avg_sq"]
+    true = second["optimizer"]["state"][0]["exp_avg_sq"]
+    nz = true > 0
+    rel = float(((restored - true).abs() / true)[nz].max())
+    # A value keeps its bin's mean, or the prediction where that falls in its bin: either
+    # way within one bin width, 2**-precision of the bin's lower end.
+    assert rel <= 2.0 ** -precision * 1.0001
+
+
+def test_predicted_moments_cost_only_their_records():
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c = lctriton.compress(second, base=base, moments="predict")
+    for rec in c.index["tensors"]:
+        if rec["name"].startswith("optimizer.state.0.exp_avg"):  # the embedding's moments
+            assert rec["codec"] == codecs.LQ and rec["fill"] == 0 and rec["words"] == 0
+    restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
+    decayed = base["optimizer"]["state"][0]["exp_avg_sq"] * np.float32(0.999**3)
+    assert_bit_exact(restored["exp_avg_sq"], decayed)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int8,
+              torch.bool, torch.complex64, torch.int32]
+)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_byte_planes_are_lossless(dtype, with_base):
+    g = torch.Generator().manual_seed(4)
+    if dtype == torch.bool:
+        x = torch.rand(5000, generator=g) < 0.1
+        b = torch.rand(5000, generator=g) < 0.1
+    elif dtype.is_floating_point or dtype.is_complex:
+        x = (torch.randn(5000, generator=g) * 0.02).to(dtype)
+        b = (x.to(torch.complex128 if dtype.is_complex else torch.float64)
+             + torch.randn(5000, generator=g, dtype=torch.float64) * 1e-4).to(dtype)
+    else:
+        x = torch.randint(0, 100, (5000,), generator=g).to(dtype)
+        b = x.clone()
+        b[::10] += 1
+    state, base = {"t": x}, ({"t": b} if with_base else None)
+    c = lctriton.compress(state, base=base, lossless=True)
+    rec = c.index["tensors"][0]
+    assert rec["codec"] == codecs.BP and (rec["base"] is not None) == with_base
+    assert_bit_exact(lctriton.decompress(c.to_bytes(), base=base)["t"], x)
+    assert c.payload_nbytes < x.numel() * x.element_size()
+
+
+def test_byte_planes_against_a_base_shrink_close_weights():
+    x, base = _sparse_pair(changed=0.05)
+    alone = lctriton.compress({"w": x}, lossless=True)
+    delta = lctriton.compress({"w": x}, base={"w": base}, lossless=True)
+    assert delta.nbytes * 3 < alone.nbytes
+    with pytest.raises(lctriton.BaseMismatchError):
+        lctriton.decompress(delta, base={"w": x})

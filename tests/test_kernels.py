@@ -193,15 +193,49 @@ def test_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
         decode.lc_decode([item], 64)
 
 
+def _every_codec_state(n, device="cpu"):
+    """A state and base that use every codec: lc/1 (dense delta), lc/2 (a sparse delta),
+    lq/1 (Adam moments), bp/1 (integers) and raw/1 (a tiny tensor)."""
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(n, generator=g)
+    sparse = torch.randn(n, generator=g)
+    v = torch.rand(n, generator=g) * 1e-6
+    m = torch.randn(n, generator=g) * 1e-3
+    state = {
+        "model": {"a": dense, "b": torch.randn(40, 50, generator=g).to(torch.bfloat16), "emb": sparse,
+                  "i": torch.arange(5), "ids": torch.randint(0, 1000, (n,), generator=g)},
+        "opt": {"state": {0: {"step": torch.tensor(12.0), "exp_avg": m, "exp_avg_sq": v}},
+                "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]},
+    }
+    base = {
+        "model": {"a": dense + 0.01 * torch.randn(n, generator=g),
+                  "b": (state["model"]["b"].float() + 0.01 * torch.randn(40, 50, generator=g)).to(torch.bfloat16),
+                  "emb": sparse + (torch.rand(n, generator=g) < 0.02) * torch.randn(n, generator=g) * 1e-2,
+                  "i": torch.arange(5), "ids": state["model"]["ids"].clone()},
+        "opt": {"state": {0: {"step": torch.tensor(10.0), "exp_avg": m * 1.2, "exp_avg_sq": v * 1.001}},
+                "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]},
+    }
+    base["model"]["ids"][::7] += 1
+    return _to(state, device), _to(base, device)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    return obj
+
+
 def test_backend_files_are_identical_both_ways(monkeypatch):
     """A file written by the kernels decodes with the reference and the reverse."""
-    g = torch.Generator().manual_seed(3)
-    state = {"a": torch.randn(3000, generator=g), "b": torch.randn(40, 50, generator=g).to(torch.bfloat16),
-             "i": torch.arange(5)}
-    base = {k: (v + 0.01 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v
-            for k, v in state.items()}
+    state, base = _every_codec_state(3000)
     monkeypatch.setenv(backend.BACKEND_ENV, "reference")
     ref_bytes = lctriton.compress(state, base=base, chunk_symbols=64).to_bytes()
+    used = {r["codec"] for r in lctriton.inspect(ref_bytes)["tensors"]}
+    assert used == set(codecs.ALL_CODECS)
     monkeypatch.setenv(backend.BACKEND_ENV, "triton")
     assert backend.choose("cpu") is triton_codec
     tri_bytes = lctriton.compress(state, base=base, chunk_symbols=64).to_bytes()
@@ -209,8 +243,9 @@ def test_backend_files_are_identical_both_ways(monkeypatch):
     from_triton = lctriton.decompress(ref_bytes, base=base)
     monkeypatch.setenv(backend.BACKEND_ENV, "reference")
     from_reference = lctriton.decompress(tri_bytes, base=base)
-    for k in state:
-        assert_bit_exact(from_triton[k], from_reference[k], k)
+    flat_t, flat_r = lctriton.pipeline.flatten_tensors(from_triton), lctriton.pipeline.flatten_tensors(from_reference)
+    for k in flat_r:
+        assert_bit_exact(flat_t[k], flat_r[k], k)
 
 
 @pytest.mark.gpu
@@ -229,6 +264,19 @@ def test_gpu_large_tensors_match_reference(dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_files_of_every_codec_match_cpu():
+    state, base = _every_codec_state(3_000_000)
+    cpu_bytes = lctriton.compress(state, base=base).to_bytes()
+    gstate, gbase = _every_codec_state(3_000_000, "cuda")
+    gpu_bytes = lctriton.compress(gstate, base=gbase).to_bytes()
+    assert gpu_bytes == cpu_bytes
+    from_gpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=gbase))
+    from_cpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=base))
+    for k, v in from_cpu.items():
+        assert_bit_exact(from_gpu[k].cpu(), v, k)
+
+
+@pytest.mark.gpu
 def test_gpu_files_load_on_cpu_and_back():
     g = torch.Generator().manual_seed(0)
     state = {"w": torch.randn(4_000_000, generator=g)}
@@ -240,3 +288,83 @@ def test_gpu_files_load_on_cpu_and_back():
     assert gpu_bytes == cpu_bytes
     assert_bit_exact(lctriton.decompress(gpu_bytes, base=gpu_base)["w"].cpu(),
                      lctriton.decompress(cpu_bytes, base=base)["w"])
+
+
+# --------------------------------------------------------------------------- rANS-coded codecs
+
+from lctriton.kernels import logquant  # noqa: E402
+
+
+def _moment_pair(n, dtype, seed=0):
+    """A second-moment-like pair: positive values over many octaves, a decayed base, zeros."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 4 - 20)
+    base[torch.rand(n, generator=g) < 0.2] = 0
+    touched = torch.rand(n, generator=g) < 0.4
+    x = base * 0.999 + touched * torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 4 - 20)
+    return x.to(dtype), base.to(dtype)
+
+
+def _assert_same(got, want, what):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        if isinstance(g, torch.Tensor):
+            assert_bit_exact(g.cpu(), w.cpu(), what)
+        else:
+            assert g == w, what
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [0, 1, 1031, 3 * 1024 + 5])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_lq_symbols_and_reconstruct_match_reference(dtype, n, with_base):
+    x, base = _moment_pair(n, dtype, seed=n)
+    b = base if with_base else None
+    plan = codecs.plan_log_buckets(reference.lc_histogram(x, None).numpy(), 1)
+    lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
+    want = reference.lq_symbols(x, b, 0.999, lut, reps)
+    _assert_same(logquant.lq_symbols(x, b, 0.999, lut, reps), want, "lq_symbols")
+    _assert_same(
+        [logquant.lq_reconstruct(want[0], reps, b, 0.999, dtype)],
+        [reference.lq_reconstruct(want[0], reps, b, 0.999, dtype)],
+        "lq_reconstruct",
+    )
+    # The decoder restores exactly what the encoder reconstructed.
+    assert_bit_exact(reference.lq_reconstruct(want[0], reps, b, 0.999, dtype), want[1], "lq round trip")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_lq_special_values(dtype):
+    x, base = _special(dtype)
+    plan = codecs.plan_log_buckets(reference.lc_histogram(x, None).numpy(), 2)
+    lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
+    for scale in (1.0, 0.9, 0.5):
+        want = reference.lq_symbols(x, base, scale, lut, reps)
+        _assert_same(logquant.lq_symbols(x, base, scale, lut, reps), want, "lq special")
+        _assert_same(
+            [logquant.lq_reconstruct(want[0], reps, base, scale, dtype)],
+            [reference.lq_reconstruct(want[0], reps, base, scale, dtype)],
+            "lq special reconstruct",
+        )
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_lc_symbols_and_reconstruct_match_reference(dtype, with_base):
+    x, base = _pair(3 * 1024 + 7, dtype, seed=3)
+    b = base if with_base else None
+    lut, reps, _, _ = _tables(x, b)
+    want = reference.lc_symbols(x, b, lut, reps)
+    _assert_same(encode.lc_symbols(x, b, lut, reps), want, "lc_symbols")
+    got = decode.lc_reconstruct(want[0], reps, b, dtype)
+    assert_bit_exact(got, reference.lc_reconstruct(want[0], reps, b, dtype), "lc_reconstruct")
+    assert_bit_exact(got, want[1], "lc_symbols reconstruction")
+
+
+def test_lq_rejects_a_table_with_symbol_zero():
+    x, base = _moment_pair(100, torch.float32)
+    lut = torch.zeros(reference.NUM_FINE_KEYS, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="symbol of 1 or more"):
+        reference.lq_symbols(x, base, 1.0, lut, torch.zeros(2))
+    with pytest.raises(ValueError, match="symbol of 1 or more"):
+        logquant.lq_symbols(x, base, 1.0, lut, torch.zeros(2))

@@ -433,7 +433,7 @@ def compress_data(
             _chain.residual = carried
 
     record = compressed.index["tensors"][0]
-    bound = float(record.get("bound", 0.0)) if record["codec"] == "lc/1" else 0.0
+    bound = float(record.get("bound", 0.0)) if record["codec"] in ("lc/1", "lc/2") else 0.0
     info = DeltaInfo(bits, tuple(array.shape), str(array.dtype), bound, closed)
     logger.debug(
         "compressed a delta of %d elements: %d bytes, bound %g",

@@ -1,6 +1,7 @@
 """Write the golden container ``golden_v1.lct`` and its expected decode ``golden_v1.json``.
 
-    python3 tests/data/make_golden.py
+    python3 tests/data/make_golden.py          # golden_v1 (lc/1, raw/1)
+    python3 tests/data/make_golden.py --rans   # golden_rans_v1 (lc/2, lq/1, bp/1)
 
 The state is built from integer formulas only (no RNG), so it is the same on every machine.
 ``tests/test_format.py`` rebuilds it with :func:`golden_state` and checks that compressing
@@ -26,9 +27,14 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 GOLDEN_LCT = HERE / "golden_v1.lct"
 GOLDEN_JSON = HERE / "golden_v1.json"
+#: The rANS-coded codecs (lc/2, lq/1, bp/1), pinned in their own file.
+GOLDEN_RANS_LCT = HERE / "golden_rans_v1.lct"
+GOLDEN_RANS_JSON = HERE / "golden_rans_v1.json"
 
 #: Fixed codec options of the golden file (every option spelled out, defaults included).
-OPTIONS = dict(bits=3, chunk_symbols=256, min_numel=1024, lossless=False, lossless_key=True, exact=())
+#: The v1 file predates rANS, log-coded moments and byte planes: those are pinned off.
+OPTIONS = dict(bits=3, chunk_symbols=256, min_numel=1024, lossless=False, lossless_key=True, exact=(),
+               coder="huffman", moments="lossy", code_exact=False)
 
 #: Dotted names of the tensors the golden file codes lossily (``lc/1``).
 LOSSY = ("model.fc.weight", "model.emb.weight", "model.fill")
@@ -94,6 +100,46 @@ def golden_state() -> tuple[dict, dict]:
     return state, base
 
 
+#: Options of the rANS golden file, every one spelled out.
+RANS_OPTIONS = dict(bits=3, chunk_symbols=256, min_numel=1024, lossless=False, lossless_key=True, exact=(),
+                    coder="auto", moments="log", moment_precision=1, code_exact=True)
+
+
+def golden_rans_state() -> tuple[dict, dict]:
+    """A state and base, from integer formulas only, that use lc/2, lq/1 and bp/1.
+
+    Returns:
+        ``(state, base)``.
+    """
+    i = torch.arange(4096, dtype=torch.int64)
+    base_w = (((i * 37) % 33) - 16).to(torch.float32) / 16
+    # One element in 32 changes: the delta's symbols are mostly 0, which rANS codes in
+    # well under one bit each (lc/2).
+    w = base_w + ((i % 32) == 3).to(torch.float32) * ((((i * 7) % 5) - 2).to(torch.float32) / 64)
+    w[100] = float("nan")  # an exception
+    # Adam moments over many octaves, a decay of 0.9 / 0.999 over 2 steps (lq/1).
+    m_base = ((((i * 13) % 17) - 8).to(torch.float32)) * torch.pow(2.0, -((i % 20) + 4).to(torch.float32))
+    v_base = torch.pow(2.0, -((i * 5) % 30 + 10).to(torch.float32))
+    v_base[::9] = 0.0
+    touched = (i % 4) == 0
+    m = m_base * 0.81 + touched.to(torch.float32) * torch.pow(2.0, -((i % 11) + 6).to(torch.float32))
+    v = v_base * 0.998001 + touched.to(torch.float32) * torch.pow(2.0, -((i % 23) + 12).to(torch.float32))
+    codes = (i * 2654435761) % 1000  # integers: byte planes (bp/1), XOR against the base
+    opt = {
+        "state": {0: {"step": torch.tensor(7.0), "exp_avg": m, "exp_avg_sq": v}},
+        "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}],
+    }
+    base_opt = {
+        "state": {0: {"step": torch.tensor(5.0), "exp_avg": m_base, "exp_avg_sq": v_base}},
+        "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}],
+    }
+    base_codes = codes.clone()
+    base_codes[::5] += 3
+    state = {"model": {"w": w.reshape(64, 64), "codes": codes}, "optimizer": opt}
+    base = {"model": {"w": base_w.reshape(64, 64), "codes": base_codes}, "optimizer": base_opt}
+    return state, base
+
+
 def tensor_digest(t: torch.Tensor | np.ndarray) -> dict:
     """dtype, shape and SHA-256 of the little-endian bytes of a tensor or array."""
     if isinstance(t, np.ndarray):
@@ -115,10 +161,35 @@ def expected_digests(decoded: dict) -> dict:
     return out
 
 
+def _write_rans_golden(lctriton) -> None:
+    state, base = golden_rans_state()
+    compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **RANS_OPTIONS)
+    data = compressed.to_bytes()
+    decoded = lctriton.decompress(data, base=base)
+    flat = lctriton.pipeline.flatten_tensors
+    digests = {k: tensor_digest(v) for k, v in flat(decoded).items()}
+    assert digests == {k: tensor_digest(v) for k, v in flat(reconstruction).items()}
+    GOLDEN_RANS_LCT.write_bytes(data)
+    info = {
+        "comment": "Expected decode of golden_rans_v1.lct (see make_golden.py). Its bytes pin the "
+        "codecs lc/2, lq/1 and bp/1.",
+        "format_version": "1.0",
+        "nbytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "codecs": {rec["name"]: rec["codec"] for rec in compressed.index["tensors"]},
+        "tensors": digests,
+    }
+    GOLDEN_RANS_JSON.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN_RANS_LCT} ({len(data)} bytes) and {GOLDEN_RANS_JSON}")
+
+
 def main() -> int:
     sys.path.insert(0, str(HERE.parent.parent))
     import lctriton
 
+    if "--rans" in sys.argv:
+        _write_rans_golden(lctriton)
+        return 0
     state, base = golden_state()
     compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **OPTIONS)
     data = compressed.to_bytes()

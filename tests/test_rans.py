@@ -1,0 +1,457 @@
+"""The rANS coder: the reference's round trips, and its Triton twin byte for byte.
+
+The reference (``kernels/reference.py``, section "rANS") is checked on its own at real
+chunk sizes; the Triton launchers (``kernels/rans.py``) run in the CPU interpreter without
+a GPU (tests/conftest.py sets TRITON_INTERPRET=1), where every step of a chunk costs
+milliseconds, so they are compared at chunks of 64 and 256 symbols. The ``gpu`` tests
+repeat the comparison at large sizes on CUDA.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lctriton.kernels import rans as tri
+from lctriton.kernels import reference, triton_codec
+
+from lctriton import rans
+
+TABLES = ["skewed", "flat16", "flat256", "random256", "peak4095"]
+#: Invalid tables: a wrong sum, too many entries, a single symbol, a negative entry, empty.
+BAD_TABLES = [
+    np.full(16, 255),
+    np.full(257, 16),
+    np.array([4096]),
+    np.array([4097, -1]),
+    np.zeros(0, np.int64),
+]
+
+
+def _freqs(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A frequency table of the given kind (int64, sums to 4096, at least two symbols)."""
+    if kind == "skewed":  # geometric: a few symbols take most of the mass
+        return rans.quantize_frequencies((2.0 ** -np.arange(12) * 1e6).astype(np.int64))
+    if kind == "flat16":
+        return np.full(16, 256, dtype=np.int64)
+    if kind == "flat256":
+        return np.full(256, 16, dtype=np.int64)
+    if kind == "random256":
+        counts = (rng.dirichlet(np.full(256, 0.5)) * 1e7).astype(np.int64) + 1
+        return rans.quantize_frequencies(counts)
+    if kind == "peak4095":  # one symbol at 4095, the last of 256 at 1: the extremes of f and c
+        f = np.zeros(256, dtype=np.int64)
+        f[3], f[255] = 4095, 1
+        return f
+    raise AssertionError(kind)
+
+
+def _symbols(f: np.ndarray, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` symbols drawn from the table's own distribution, each rare symbol at least once."""
+    sym = rng.choice(f.size, size=n, p=f / f.sum()).astype(np.uint8)
+    rare = np.flatnonzero(f == f[f > 0].min())
+    sym[: min(n, rare.size)] = rare[: min(n, rare.size)]  # code the costliest symbols too
+    return torch.from_numpy(sym)
+
+
+def _sizes(chunk: int) -> list[int]:
+    return [0, 1, 97, chunk - 1, chunk, chunk + 1, 3 * chunk + 17]
+
+
+def _roundtrip(sym: torch.Tensor, f: np.ndarray, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    words, counts = reference.rans_encode(sym, torch.from_numpy(f), chunk)
+    assert words.dtype == torch.int16 and counts.dtype == torch.int64
+    assert counts.numel() == -(-sym.numel() // chunk)
+    assert int(counts.sum()) == words.numel() and (counts >= 2).all()
+    (got,) = reference.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], chunk)
+    assert torch.equal(got, sym.reshape(-1))
+    return words, counts
+
+
+def _ideal_bound(sym: torch.Tensor, f: np.ndarray, chunk: int) -> float:
+    """Ideal payload plus the state flushed per chunk (32 bits) and 16 bits of slack."""
+    counts = np.bincount(sym.numpy().reshape(-1), minlength=f.size)
+    return rans.coded_bits(counts, f) + 32 * -(-sym.numel() // chunk) + 16
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("chunk", [64, 4096])
+@pytest.mark.parametrize("kind", TABLES)
+def test_reference_round_trips(chunk, kind):
+    rng = np.random.default_rng(chunk + len(kind))
+    f = _freqs(kind, rng)
+    for n in _sizes(chunk):
+        sym = _symbols(f, n, rng)
+        words, _ = _roundtrip(sym, f, chunk)
+        assert words.numel() * 16 <= _ideal_bound(sym, f, chunk), (n, words.numel())
+
+
+def test_reference_reads_any_shape_and_numpy_tables():
+    rng = np.random.default_rng(1)
+    f = _freqs("random256", rng)
+    sym = _symbols(f, 6 * 50, rng)
+    flat = reference.rans_encode(sym, torch.from_numpy(f), 64)
+    shaped = reference.rans_encode(sym.reshape(6, 50).t(), f, 64)  # a non-contiguous view
+    want = reference.rans_encode(sym.reshape(6, 50).t().contiguous().reshape(-1), f, 64)
+    assert torch.equal(shaped[0], want[0]) and torch.equal(shaped[1], want[1])
+    assert not torch.equal(flat[0], shaped[0])
+
+
+def test_reference_decodes_many_streams_at_once():
+    rng = np.random.default_rng(2)
+    items, symbols = [], []
+    cases = [("skewed", 200), ("flat256", 0), ("random256", 64), ("peak4095", 1), ("flat16", 129)]
+    for kind, n in cases:
+        f = _freqs(kind, rng)
+        sym = _symbols(f, n, rng)
+        items.append(reference.RansStream(*reference.rans_encode(sym, f, 64), n, f))
+        symbols.append(sym)
+    for got, want in zip(reference.rans_decode(items, 64), symbols, strict=True):
+        assert torch.equal(got, want)
+
+
+@st.composite
+def _coded(draw):
+    """A random table (2 to 256 symbols, some unused) and symbols drawn from it."""
+    nsym = draw(st.integers(min_value=2, max_value=256))
+    counts = draw(st.lists(st.integers(0, 10**6), min_size=nsym, max_size=nsym))
+    counts = np.array(counts, dtype=np.int64)
+    if np.count_nonzero(counts) < 2:
+        counts[:2] += 1
+    f = rans.quantize_frequencies(counts)
+    used = np.flatnonzero(f)
+    n = draw(st.integers(min_value=0, max_value=700))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if draw(st.booleans()):  # from the table's distribution
+        sym = rng.choice(f.size, size=n, p=f / f.sum())
+    else:  # uniform over the used symbols: a table that fits the data badly
+        sym = rng.choice(used, size=n)
+    chunk = draw(st.sampled_from([64, 128, 256]))
+    return torch.from_numpy(sym.astype(np.uint8)), f, chunk
+
+
+@given(_coded())
+def test_reference_round_trip_property(case):
+    sym, f, chunk = case
+    words, _ = _roundtrip(sym, f, chunk)
+    assert words.numel() * 16 <= _ideal_bound(sym, f, chunk)
+
+
+def _stream(sym, f, chunk, encode=reference.rans_encode):
+    words, counts = encode(sym, torch.from_numpy(f), chunk)
+    return reference.RansStream(words.clone(), counts.clone(), sym.numel(), f)
+
+
+def _corruptions(item: reference.RansStream):
+    """(name, stream) pairs: each a corrupt variant of ``item`` (at least two chunks).
+
+    Tensors stay on the item's device, so the GPU tests can corrupt GPU streams too.
+    """
+    w, c = item.words, item.chunk_words
+
+    def variant(words=w, counts=c, numel=item.numel, freqs=item.freqs):
+        return reference.RansStream(words.clone(), counts.clone(), numel, freqs)
+
+    mid = w.clone()
+    mid[w.numel() // 2] ^= 0x5A5A
+    state = w.clone()
+    state[int(c[0]) + 1] ^= 0x0100  # the high half of chunk 1's state
+    shorter = c.clone()
+    shorter[-1] -= 1  # the last chunk lost its last word: its decoding reads past the stream
+    longer = c.clone()
+    longer[-1] += 1
+    swapped = c.clone()
+    swapped[0], swapped[1] = int(c[1]) + 1, int(c[0]) - 1  # same total, wrong split
+    one_word = c.clone()
+    one_word[-2], one_word[-1] = 1, int(c[-2]) + int(c[-1]) - 1
+    bad_freqs = item.freqs.copy()
+    used = np.flatnonzero(bad_freqs)
+    bad_freqs[used[0]] += 1
+    bad_freqs[used[-1]] -= 1
+    return [
+        ("a flipped body word", variant(words=mid)),
+        ("a flipped state word", variant(words=state)),
+        ("a truncated stream", variant(words=w[:-1], counts=shorter)),
+        ("a truncated stream, table kept", variant(words=w[:-1])),
+        ("a word appended", variant(words=torch.cat([w, w[:1]]), counts=longer)),
+        ("a wrong chunk split", variant(counts=swapped)),
+        ("a chunk table too short", variant(counts=c[:-1])),
+        ("a chunk of one word", variant(counts=one_word)),
+        ("one symbol fewer", variant(numel=item.numel - 1)),
+        ("a different table", variant(freqs=bad_freqs)),
+        ("all words zero", variant(words=torch.zeros_like(w))),
+        ("all words ones", variant(words=torch.full_like(w, -1))),
+    ]
+
+
+def _corrupt_item():
+    rng = np.random.default_rng(5)
+    f = _freqs("random256", rng)
+    return _stream(_symbols(f, 64 * 3 + 10, rng), f, 64)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_reference_rejects_corrupt_streams(case):
+    name, item = _corruptions(_corrupt_item())[case]
+    with pytest.raises(ValueError):
+        reference.rans_decode([item], 64)
+
+
+@settings(max_examples=40)
+@given(_coded(), st.integers(0, 2**31 - 1), st.integers(1, 0xFFFF))
+def test_reference_survives_any_flipped_word(case, where, flip):
+    """A flipped word is reported or decodes to some symbols: never a crash."""
+    sym, f, chunk = case
+    item = _stream(sym, f, chunk)
+    if item.words.numel() == 0:
+        return
+    item.words[where % item.words.numel()] ^= flip - (1 << 16 if flip >= 1 << 15 else 0)
+    try:
+        (got,) = reference.rans_decode([item], chunk)
+    except ValueError:
+        return
+    assert got.numel() == sym.numel()
+
+
+def test_reference_validates_arguments():
+    f = np.full(16, 256, dtype=np.int64)
+    sym = torch.arange(16, dtype=torch.uint8)
+    for bad in BAD_TABLES:
+        with pytest.raises(ValueError):
+            reference.rans_encode(sym, bad, 64)
+    with pytest.raises(ValueError, match="frequency 0"):
+        reference.rans_encode(torch.tensor([16], dtype=torch.uint8), f, 64)
+    zero = f.copy()
+    zero[3], zero[4] = 0, 512
+    with pytest.raises(ValueError, match="frequency 0"):
+        reference.rans_encode(sym, zero, 64)
+    with pytest.raises(ValueError, match="chunk_symbols"):
+        reference.rans_encode(sym, f, 100)
+
+
+# --------------------------------------------------------------------------- frequency tables
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**15), min_size=1, max_size=256))
+def test_quantize_frequencies_properties(counts):
+    f = rans.quantize_frequencies(counts)
+    c = np.array(counts, dtype=np.int64)
+    assert f.dtype == np.int64 and f.shape == c.shape
+    assert (f[c == 0] == 0).all()
+    if not c.any():
+        assert not f.any()
+        return
+    assert int(f.sum()) == rans.PROB_SCALE
+    assert (f[c > 0] >= 1).all()
+    if np.count_nonzero(c) == 1:
+        only = np.flatnonzero(c)[0]
+        assert f[only] == rans.PROB_SCALE and rans.fill_symbol(f) == only
+    # Close to proportional: no used symbol is off by more than the number of used symbols.
+    ideal = c / c.sum() * rans.PROB_SCALE
+    assert (np.abs(f - ideal)[c > 0] <= np.count_nonzero(c) + 1).all()
+
+
+def test_tables_follow_from_frequencies():
+    f = np.array([0, 3, 4093, 0], dtype=np.int64)
+    assert rans.cumulative(f).tolist() == [0, 0, 3, 4096]
+    slots = rans.slot_table(f)
+    assert slots.dtype == np.uint8 and slots.size == rans.PROB_SCALE
+    assert slots[:3].tolist() == [1, 1, 1] and (slots[3:] == 2).all()
+    assert rans.PROB_BITS == reference.RANS_PROB_BITS and rans.STATE_LOW == reference.RANS_LOW
+
+
+# --------------------------------------------------------------------------- Triton twins
+
+
+def _assert_encode_equal(sym, f, chunk):
+    got = tri.rans_encode(sym, torch.from_numpy(f), chunk)
+    want = reference.rans_encode(sym, torch.from_numpy(f), chunk)
+    assert got[0].dtype == torch.int16 and got[1].dtype == torch.int64
+    assert torch.equal(got[1].cpu(), want[1]), "chunk words"
+    assert torch.equal(got[0].cpu(), want[0]), "stream words"
+    return got, want
+
+
+@pytest.mark.parametrize("kind", TABLES)
+@pytest.mark.parametrize("n", [0, 1, 97, 63, 64, 65, 3 * 64 + 17])
+def test_kernels_match_reference(kind, n):
+    """Encode byte for byte, decode symbol for symbol, and each decodes the other's stream."""
+    rng = np.random.default_rng(n * 7 + len(kind))
+    f = _freqs(kind, rng)
+    sym = _symbols(f, n, rng)
+    (words, counts), (rwords, rcounts) = _assert_encode_equal(sym, f, 64)
+    from_kernel = reference.RansStream(words, counts, n, f)
+    from_reference = reference.RansStream(rwords, rcounts, n, f)
+    assert torch.equal(reference.rans_decode([from_kernel], 64)[0], sym)
+    (got,) = tri.rans_decode([from_reference], 64)
+    assert got.dtype == torch.uint8 and got.device == rwords.device
+    assert torch.equal(got, sym)
+
+
+@pytest.mark.parametrize("kind", ["skewed", "random256", "peak4095"])
+def test_kernels_match_reference_chunk_256(kind):
+    rng = np.random.default_rng(256)
+    f = _freqs(kind, rng)
+    for n in [255, 256 * 2 + 1]:
+        sym = _symbols(f, n, rng)
+        (words, counts), _ = _assert_encode_equal(sym, f, 256)
+        (got,) = tri.rans_decode([reference.RansStream(words, counts, n, f)], 256)
+        assert torch.equal(got, sym)
+
+
+def test_kernels_read_any_shape():
+    rng = np.random.default_rng(3)
+    f = _freqs("flat256", rng)
+    sym = _symbols(f, 6 * 50, rng).reshape(6, 50).t()  # a non-contiguous view
+    _assert_encode_equal(sym, f, 64)
+
+
+@settings(max_examples=10)
+@given(_coded())
+def test_kernels_match_reference_property(case):
+    sym, f, chunk = case
+    (words, counts), _ = _assert_encode_equal(sym[:300], f, 64)
+    item = reference.RansStream(words, counts, min(sym.numel(), 300), f)
+    assert torch.equal(tri.rans_decode([item], 64)[0], sym[:300])
+
+
+def test_kernel_decodes_many_streams():
+    rng = np.random.default_rng(4)
+    items, symbols = [], []
+    for kind, n in [("skewed", 130), ("flat256", 0), ("peak4095", 1), ("random256", 64)]:
+        f = _freqs(kind, rng)
+        sym = _symbols(f, n, rng)
+        items.append(_stream(sym, f, 64))
+        symbols.append(sym)
+    got = tri.rans_decode(items, 64)
+    want = reference.rans_decode(items, 64)
+    assert len(got) == len(symbols)
+    for g, w, s in zip(got, want, symbols, strict=True):
+        assert torch.equal(g, w) and torch.equal(g, s)
+    assert all(g.device == torch.device("cpu") for g in tri.rans_decode(items, 64, device="cpu"))
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_kernel_rejects_corrupt_streams(case):
+    """Every corruption the reference reports, the kernel decoder reports too."""
+    name, item = _corruptions(_corrupt_item())[case]
+    with pytest.raises(ValueError) as want:
+        reference.rans_decode([item], 64)
+    with pytest.raises(ValueError) as got:
+        tri.rans_decode([item], 64)
+    assert str(got.value) == str(want.value), name
+
+
+@settings(max_examples=12)
+@given(_coded(), st.integers(0, 2**31 - 1), st.integers(1, 0xFFFF))
+def test_kernel_decoder_agrees_on_any_flipped_word(case, where, flip):
+    """Both decoders report the same flipped streams, and decode the others alike."""
+    sym, f, _ = case
+    item = _stream(sym[:200], f, 64)
+    if item.words.numel() == 0:
+        return
+    item.words[where % item.words.numel()] ^= flip - (1 << 16 if flip >= 1 << 15 else 0)
+    try:
+        (want,) = reference.rans_decode([item], 64)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            tri.rans_decode([item], 64)
+        return
+    assert torch.equal(tri.rans_decode([item], 64)[0], want)
+
+
+def test_kernel_encoder_validates_like_the_reference():
+    f = np.full(16, 256, dtype=np.int64)
+    sym = torch.arange(16, dtype=torch.uint8)
+    for bad in BAD_TABLES:
+        with pytest.raises(ValueError) as want:
+            reference.rans_encode(sym, bad, 64)
+        with pytest.raises(ValueError) as got:
+            tri.rans_encode(sym, bad, 64)
+        assert str(got.value) == str(want.value)
+    zero = f.copy()
+    zero[3], zero[4] = 0, 512
+    for symbols, table in [(torch.tensor([16], dtype=torch.uint8), f), (sym, zero)]:
+        with pytest.raises(ValueError, match="a symbol to code has frequency 0"):
+            tri.rans_encode(symbols, table, 64)
+    with pytest.raises(ValueError, match="chunk_symbols"):
+        tri.rans_encode(sym, f, 100)
+    with pytest.raises(TypeError, match="symbols must be a tensor"):
+        tri.rans_encode(sym.numpy(), f, 64)
+    with pytest.raises(TypeError, match="symbols must be uint8"):
+        tri.rans_encode(sym.to(torch.int64), f, 64)
+    with pytest.raises(TypeError, match="freqs must hold integers"):
+        tri.rans_encode(sym, torch.from_numpy(f).double(), 64)
+    with pytest.raises(TypeError, match="freqs must hold integers"):
+        tri.rans_encode(sym, f.astype(np.float32), 64)
+
+
+def test_kernel_decoder_validates_like_the_reference():
+    rng = np.random.default_rng(6)
+    f = _freqs("skewed", rng)
+    item = _stream(_symbols(f, 100, rng), f, 64)
+    with pytest.raises(ValueError, match="chunk_symbols"):
+        tri.rans_decode([item], 96)
+    single = reference.RansStream(item.words, item.chunk_words, 100, np.array([4096]))
+    with pytest.raises(ValueError, match="single symbol"):
+        tri.rans_decode([item, single], 64)
+    wrong = reference.RansStream(item.words.to(torch.int32), item.chunk_words, 100, f)
+    with pytest.raises(TypeError, match="int16"):
+        tri.rans_decode([wrong], 64)
+
+
+def test_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
+    rng = np.random.default_rng(7)
+    f = _freqs("skewed", rng)
+    sym = _symbols(f, 100, rng)
+    item = _stream(sym, f, 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="symbols is on cpu"):
+        tri.rans_encode(sym, f, 64)
+    with pytest.raises(ValueError, match="decode device is on cpu"):
+        tri.rans_decode([item], 64)
+
+
+def test_triton_codec_exports_the_coder():
+    assert triton_codec.rans_encode is tri.rans_encode
+    assert triton_codec.rans_decode is tri.rans_decode
+    assert triton_codec.RansStream is reference.RansStream
+    assert {"rans_encode", "rans_decode", "RansStream"} <= set(triton_codec.__all__)
+
+
+# --------------------------------------------------------------------------- GPU, large
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["skewed", "random256", "peak4095"])
+def test_gpu_large_streams_match_reference(kind):
+    rng = np.random.default_rng(11)
+    f = _freqs(kind, rng)
+    sym = _symbols(f, 10_000_019, rng)
+    words, counts = tri.rans_encode(sym.cuda(), f, 4096)
+    assert words.is_cuda and counts.is_cuda
+    rwords, rcounts = reference.rans_encode(sym, f, 4096)
+    assert torch.equal(counts.cpu(), rcounts) and torch.equal(words.cpu(), rwords)
+    (got,) = tri.rans_decode([reference.RansStream(rwords.cuda(), rcounts, sym.numel(), f)], 4096)
+    assert got.is_cuda and torch.equal(got.cpu(), sym)
+    (back,) = reference.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096)
+    assert torch.equal(back, sym)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [64, 65536])
+def test_gpu_chunk_extremes_and_corruption(chunk):
+    rng = np.random.default_rng(chunk)
+    f = _freqs("random256", rng)
+    sym = _symbols(f, 3 * chunk + 12_345, rng)
+    _assert_encode_equal(sym.cuda(), f, chunk)
+    item = _stream(sym.cuda(), f, chunk, encode=tri.rans_encode)
+    assert torch.equal(tri.rans_decode([item], chunk)[0].cpu(), sym)
+    for _name, bad in _corruptions(item):
+        with pytest.raises(ValueError):
+            tri.rans_decode([bad], chunk)
