@@ -107,6 +107,7 @@ def test_record_has_the_fields(record):
             "timings",
             "bit_identical",
             "diverged",
+            "train_loss_tail_diff_rel_pct",
             "final_weights_rel_distance",
         } <= set(setting)
         for scope in ("delta", "all"):
