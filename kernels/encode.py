@@ -28,7 +28,7 @@ from lctriton.kernels.histogram import NUM_FINE_KEYS, delta_f32, fine_keys, wide
 
 from lctriton.huffman import canonical_codes
 
-__all__ = ["lc_encode", "lc_symbols", "reconstruct", "is_nonfinite", "round_bf16"]
+__all__ = ["lc_encode", "lc_symbols", "reconstruct", "is_nonfinite", "round_bf16", "to_dtype"]
 
 #: Elements a program handles per step of its loop over the chunk; performance only.
 _STEP = 1024
@@ -40,6 +40,20 @@ def round_bf16(v):
     u = v.to(tl.uint32, bitcast=True)
     r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
     return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_dtype(v, KIND: tl.constexpr):
+    """float32 values as the tensor's dtype (nearest, ties to even)."""
+    if KIND == 0:
+        r = v
+    elif KIND == 1:
+        r = v.to(tl.float64)
+    elif KIND == 2:
+        r = v.to(tl.float16)
+    else:
+        r = round_bf16(v)
+    return r
 
 
 @triton.jit
@@ -56,15 +70,7 @@ def reconstruct(b, rep, sym, HAS_BASE: tl.constexpr, KIND: tl.constexpr):
             r = round_bf16(widen_bf16(b) + rep)
         r = tl.where(sym == 0, b, r)
     else:
-        v = tl.where(sym == 0, 0.0, rep)  # the base is +0.0
-        if KIND == 0:
-            r = v
-        elif KIND == 1:
-            r = v.to(tl.float64)
-        elif KIND == 2:
-            r = v.to(tl.float16)
-        else:
-            r = round_bf16(v)
+        r = to_dtype(tl.where(sym == 0, 0.0, rep), KIND)  # the base is +0.0
     return r
 
 

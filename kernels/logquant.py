@@ -3,12 +3,12 @@
 Format (bit-exact twins: :func:`lctriton.kernels.reference.lq_symbols` and
 :func:`~lctriton.kernels.reference.lq_reconstruct`):
 
-* prediction ``p = round_to_dtype(float32(base) * scale)`` (float64 tensors: ``base *
+* prediction ``p = roundto_dtype(float32(base) * scale)`` (float64 tensors: ``base *
   float64(scale)``), or the base itself where it is not finite;
 * each value's symbol is ``key_to_symbol[fine_key(value)]`` (fine key: ``bits(f32) >> 19``,
   0x0FF0 for non-finite values), and 0 where the prediction's fine key maps to the same
   symbol;
-* the reconstruction is ``p`` for symbol 0, else ``round_to_dtype(representatives[symbol])``.
+* the reconstruction is ``p`` for symbol 0, else ``roundto_dtype(representatives[symbol])``.
 
 One program per ``BLOCK`` elements: the pass is elementwise, reading ``x`` and ``base`` once
 and writing the symbols (one byte each), the reconstruction and a per-program flag for
@@ -21,27 +21,13 @@ import torch
 import triton
 import triton.language as tl
 from lctriton.kernels._runtime import DTYPE_KIND, check_device, check_pair
-from lctriton.kernels.encode import is_nonfinite, round_bf16
+from lctriton.kernels.encode import is_nonfinite, round_bf16, to_dtype
 from lctriton.kernels.histogram import NUM_FINE_KEYS, fine_keys, to_f32, widen_bf16
 
 __all__ = ["lq_symbols", "lq_reconstruct"]
 
 #: Elements per program; performance only.
 _BLOCK = 1024
-
-
-@triton.jit
-def _to_dtype(v, KIND: tl.constexpr):
-    """float32 values as the tensor's dtype (nearest, ties to even)."""
-    if KIND == 0:
-        r = v
-    elif KIND == 1:
-        r = v.to(tl.float64)
-    elif KIND == 2:
-        r = v.to(tl.float16)
-    else:
-        r = round_bf16(v)
-    return r
 
 
 @triton.jit
@@ -80,7 +66,7 @@ def _lq_symbols_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0)
     sym = tl.load(lut_ptr + fine_keys(to_f32(x, KIND)), mask=mask, other=0).to(tl.int32)
     rep = tl.load(rep_ptr + tl.minimum(sym, nsym - 1), mask=mask, other=0.0)
-    r = _to_dtype(rep, KIND)
+    r = to_dtype(rep, KIND)
     if HAS_BASE:
         b = tl.load(base_ptr + offs, mask=mask, other=0)
         p = _predict(b, tl.load(scale_ptr), KIND)
@@ -109,7 +95,7 @@ def _lq_reconstruct_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     sym = tl.load(sym_ptr + offs, mask=mask, other=0).to(tl.int32)
-    r = _to_dtype(tl.load(rep_ptr + tl.minimum(sym, nsym - 1), mask=mask, other=0.0), KIND)
+    r = to_dtype(tl.load(rep_ptr + tl.minimum(sym, nsym - 1), mask=mask, other=0.0), KIND)
     if HAS_BASE:
         b = tl.load(base_ptr + offs, mask=mask, other=0)
         r = tl.where(sym == 0, _predict(b, tl.load(scale_ptr), KIND), r)

@@ -50,6 +50,7 @@ fingerprint of their base so that decoding against a wrong base is detected.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -447,18 +448,12 @@ def lq_symbols(
     if not lut.all():
         raise ValueError("key_to_symbol must map every fine key to a symbol of 1 or more")
     reps = representatives.cpu().numpy().astype(np.float32)
-    xn, bn = _flat_views(x, base)
-    n = xn.size
-    symbols = np.empty(n, dtype=np.uint8)
-    reconstruction = torch.empty(n, dtype=x.dtype)
-    rn = _np(reconstruction)
-    nonfinite = False
-    with np.errstate(all="ignore"):
-        for s in range(0, n, BLOCK):
-            sl = slice(s, s + BLOCK)
-            bb = None if bn is None else bn[sl]
-            symbols[sl] = _lq_block(xn[sl], bb, scale, lut, reps, x.dtype, rn[sl])
-            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
+    symbols, add = _collector(x.numel())
+
+    def block(xb: np.ndarray, bb: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        return _lq_block(xb, bb, scale, lut, reps, x.dtype, out)
+
+    reconstruction, nonfinite = _symbol_pass(x, base, block, add)
     return torch.from_numpy(symbols), reconstruction, nonfinite
 
 
@@ -564,26 +559,64 @@ def lc_encode(
     if lengths.size != reps.size:
         raise ValueError(f"code_lengths has {lengths.size} entries but representatives has {reps.size}")
     packer = _Packer(lengths, chunk_symbols) if lengths.any() else None
-    xn, bn = _flat_views(x, base)
-    n = xn.size
-    reconstruction = torch.empty(n, dtype=x.dtype)
-    rn = _np(reconstruction)
-    nonfinite = False
-    with np.errstate(all="ignore"):  # non-finite deltas and overflow become exceptions
-        for s in range(0, n, BLOCK):
-            sl = slice(s, s + BLOCK)
-            bb = None if bn is None else bn[sl]
-            sym = np.take(lut, _fine_keys(_delta_block(xn[sl], bb, x.dtype)), mode="clip")
-            _reconstruct_block(sym, reps, bb, x.dtype, rn[sl])
-            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
-            if packer is not None:
-                packer.add(sym)
+    n = x.numel()
+    # Blocks end on chunk boundaries, so the packer codes each block as it comes.
+    reconstruction, nonfinite = _symbol_pass(
+        x, base, _lc_block(lut, reps, x.dtype), packer.add if packer is not None else lambda sym: None
+    )
     if packer is None:
         nchunks = -(-n // chunk_symbols)
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, torch.zeros(nchunks, dtype=torch.int64), reconstruction, nonfinite
     words, chunk_bits = packer.finish()
     return torch.from_numpy(words.view(np.int64)), torch.from_numpy(chunk_bits), reconstruction, nonfinite
+
+
+def _symbol_pass(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    block: Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray],
+    on_symbols: Callable[[np.ndarray], None],
+) -> tuple[torch.Tensor, bool]:
+    """Run ``block(x_block, base_block, out_block) -> symbols`` over ``BLOCK``-sized blocks,
+    writing the reconstruction, and hand each block's symbols to ``on_symbols``.
+
+    Returns:
+        The flat reconstruction in ``x``'s dtype and whether it holds a non-finite value.
+    """
+    xn, bn = _flat_views(x, base)
+    reconstruction = torch.empty(xn.size, dtype=x.dtype)
+    rn = _np(reconstruction)
+    nonfinite = False
+    with np.errstate(all="ignore"):  # non-finite values and overflow become exceptions
+        for s in range(0, xn.size, BLOCK):
+            sl = slice(s, s + BLOCK)
+            on_symbols(block(xn[sl], None if bn is None else bn[sl], rn[sl]))
+            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
+    return reconstruction, nonfinite
+
+
+def _lc_block(lut: np.ndarray, reps: np.ndarray, dtype: torch.dtype):
+    """Steps 1 to 4 on one block: the symbols, with the reconstruction written to ``out``."""
+
+    def block(xb: np.ndarray, bb: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        sym = np.take(lut, _fine_keys(_delta_block(xb, bb, dtype)), mode="clip")
+        _reconstruct_block(sym, reps, bb, dtype, out)
+        return sym
+
+    return block
+
+
+def _collector(n: int) -> tuple[np.ndarray, Callable[[np.ndarray], None]]:
+    """A flat symbol array and the callback filling it block after block."""
+    symbols = np.empty(n, dtype=np.uint8)
+    filled = [0]
+
+    def add(sym: np.ndarray) -> None:
+        symbols[filled[0] : filled[0] + sym.size] = sym
+        filled[0] += sym.size
+
+    return symbols, add
 
 
 def lc_symbols(
@@ -610,20 +643,8 @@ def lc_symbols(
         raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
     lut = key_to_symbol.cpu().numpy().astype(np.uint8)
     reps = representatives.cpu().numpy().astype(np.float32)
-    xn, bn = _flat_views(x, base)
-    n = xn.size
-    symbols = np.empty(n, dtype=np.uint8)
-    reconstruction = torch.empty(n, dtype=x.dtype)
-    rn = _np(reconstruction)
-    nonfinite = False
-    with np.errstate(all="ignore"):
-        for s in range(0, n, BLOCK):
-            sl = slice(s, s + BLOCK)
-            bb = None if bn is None else bn[sl]
-            sym = np.take(lut, _fine_keys(_delta_block(xn[sl], bb, x.dtype)), mode="clip")
-            symbols[sl] = sym
-            _reconstruct_block(sym, reps, bb, x.dtype, rn[sl])
-            nonfinite = nonfinite or _any_nonfinite(rn[sl], x.dtype)
+    symbols, add = _collector(x.numel())
+    reconstruction, nonfinite = _symbol_pass(x, base, _lc_block(lut, reps, x.dtype), add)
     return torch.from_numpy(symbols), reconstruction, nonfinite
 
 

@@ -444,18 +444,19 @@ def encode_lq(
     if predict_only:
         if b is None:
             raise ValueError("predict_only needs a base")
-        plan = BucketPlan(np.ones(reference.NUM_FINE_KEYS, dtype=np.uint8), np.zeros(1, np.float32), np.zeros(1, np.int64), math.inf)
+        # Every element is symbol 0: the prediction. Symbol 0's value is never read.
+        reps = np.zeros(1, np.float32)
+        bound = None
         symbols = torch.zeros(x.numel(), dtype=torch.uint8, device=dev)
-        recon = backend.lq_reconstruct(symbols, torch.zeros(1, device=dev), b.reshape(-1), scale, x.dtype)
-        recon = recon.to(dev)
-        nonfinite = False
+        # A non-finite value or prediction is found on the tensors below (no histogram).
+        recon = backend.lq_reconstruct(symbols, torch.from_numpy(reps).to(dev), b.reshape(-1), scale, x.dtype).to(dev)
         hist = np.zeros(reference.NUM_FINE_KEYS, dtype=np.int64)
+        nonfinite = not bool(torch.isfinite(recon).all()) or not bool(torch.isfinite(x).all())
         counts = np.array([x.numel()], dtype=np.int64)
-        reps = plan.representatives
     else:
         hist = backend.lc_histogram(x, None).cpu().numpy()
         plan = plan_log_buckets(hist, precision)
-        reps = plan.representatives
+        reps, bound = plan.representatives, plan.error_bound
         symbols, recon, nonfinite = backend.lq_symbols(
             x, b, scale, torch.from_numpy(plan.key_to_symbol).to(dev), torch.from_numpy(reps).to(dev)
         )
@@ -465,13 +466,7 @@ def encode_lq(
     (chunk_part, stream_part), ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
     # Non-finite values have a non-finite fine key; a non-finite prediction (from a
     # non-finite base) shows in the reconstruction.
-    nonfinite_keys = hist.reshape(reference.NUM_KEYS, -1).sum(axis=1)[reference.NONFINITE_EXPONENT :: 256].sum() > 0
-    if predict_only:
-        nonfinite = not bool(torch.isfinite(recon).all()) or not bool(torch.isfinite(x).all())
-    exc_index, exc_values = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=x.dtype)
-    if nonfinite_keys or nonfinite:
-        exc_index, exc_values = reference.lc_exceptions(x, None, recon)
-        recon[exc_index.to(recon.device)] = exc_values.to(recon.device)
+    exc_index, exc_values = _exceptions(x, None, recon, hist, nonfinite)
     record = {
         "codec": LQ,
         "dtype": DTYPE_NAMES[x.dtype],
@@ -484,7 +479,7 @@ def encode_lq(
         "fill": fill,
         "words": int(words.numel()),
         "exceptions": int(exc_index.numel()),
-        "bound": plan.error_bound if not predict_only else None,
+        "bound": bound,
         "base": None if b is None else f"{backend.fingerprint(b):016x}",
     }
     parts = [chunk_part, stream_part, exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
