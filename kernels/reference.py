@@ -81,6 +81,13 @@ __all__ = [
     "BLOCK",
     "check_chunk_symbols",
     "chunk_word_offsets",
+    "AQ_BITS",
+    "AQ_NAN_BITS",
+    "check_aq_args",
+    "aq_sizes",
+    "rounding_noise",
+    "quantize_groups",
+    "dequantize_groups",
 ]
 
 #: Number of (sign, exponent-field) keys of a float32 delta.
@@ -1159,4 +1166,266 @@ def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tenso
         sym = np.ascontiguousarray(grid[lane : lane + nchunks]).reshape(-1)[: it.numel]
         out.append(torch.from_numpy(sym))
         lane += nchunks
+    return out
+
+
+# --------------------------------------------------------------------------- aq: activations
+#
+# Group quantization of saved activations (``lctriton.activations``). Unlike the codecs above
+# it never reaches a file: it defines what backward sees, and the GPU kernels in
+# ``lctriton.kernels.groupquant`` must give the same bytes so that training on either backend
+# follows the same arithmetic. The format is stated in that module's docstring.
+
+#: Bit widths of the activation quantizer: whole codes per byte, no code straddles two bytes.
+AQ_BITS = (2, 4, 8)
+#: Smallest and largest group: powers of two, so a group is whole bytes at every width.
+AQ_MIN_GROUP = 8
+AQ_MAX_GROUP = 4096
+#: The 32-bit mixer of the stochastic-rounding hash (multipliers below 2**31, so that products
+#: of uint32 values held in int64 never overflow).
+AQ_MIX = (0x21F0AAAD, 0x735A2D97)
+_U32 = 0xFFFFFFFF
+#: The NaN a non-finite group restores to, as bits of each dtype (quiet, positive): written
+#: as bits because processors disagree on the NaN that arithmetic or conversion produces.
+AQ_NAN_BITS = {
+    torch.float32: (torch.int32, 0x7FC00000),
+    torch.float64: (torch.int64, 0x7FF8000000000000),
+    torch.float16: (torch.int16, 0x7E00),
+    torch.bfloat16: (torch.int16, 0x7FC0),
+}
+#: Elements the reference handles at once: bounds its temporaries (int64 hash lanes).
+_AQ_SLAB = 1 << 20
+
+
+def check_aq_args(bits: object, group_size: object, seed: object) -> tuple[int, int, int]:
+    """Validate the quantizer's integer arguments (shared by both backends).
+
+    Returns:
+        ``(bits, group_size, seed)``.
+
+    Raises:
+        TypeError: If one is not an int.
+        ValueError: If ``bits`` is not 2, 4 or 8, ``group_size`` not a power of two in
+            [8, 4096] or ``seed`` outside [0, 2**31).
+    """
+    for name, value in (("bits", bits), ("group_size", group_size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if bits not in AQ_BITS:
+        raise ValueError(f"bits must be one of {AQ_BITS}, got {bits}")
+    if not (AQ_MIN_GROUP <= group_size <= AQ_MAX_GROUP) or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two in [{AQ_MIN_GROUP}, {AQ_MAX_GROUP}], got {group_size}")
+    if not 0 <= seed < 1 << 31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    return bits, group_size, seed
+
+
+def aq_sizes(numel: int, bits: int, group_size: int) -> tuple[int, int]:
+    """``(groups, packed bytes)`` of a quantized tensor of ``numel`` elements."""
+    groups = -(-numel // group_size)
+    return groups, groups * group_size * bits // 8
+
+
+def _noise_into(index_start: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
+    """:func:`rounding_noise` for ``count`` elements that share ``index >> 32`` (a slab)."""
+    outer = (index_start >> 32) ^ seed
+    outer ^= outer >> 16
+    outer = (outer * AQ_MIX[0]) & _U32
+    outer ^= outer >> 15
+    outer = (outer * AQ_MIX[1]) & _U32
+    outer ^= outer >> 15
+    x = torch.arange(index_start & _U32, (index_start & _U32) + count, dtype=torch.int64, device=device)
+    x.bitwise_xor_(outer)
+    x.bitwise_xor_(x >> 16).mul_(AQ_MIX[0]).bitwise_and_(_U32)
+    x.bitwise_xor_(x >> 15).mul_(AQ_MIX[1]).bitwise_and_(_U32)
+    x.bitwise_xor_(x >> 15).bitwise_right_shift_(8)
+    return x.to(torch.float32).mul_(2.0**-24)
+
+
+def rounding_noise(start: int, count: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The stochastic-rounding offsets of elements ``start .. start + count - 1``.
+
+    ``u(i) = (h >> 8) * 2**-24`` with ``h = mix32((i mod 2**32) ^ mix32((i >> 32) ^ seed))``:
+    uniform on 2**24 points of [0, 1), a pure function of the element's index and the seed.
+
+    Returns:
+        float32 tensor of ``count`` offsets on ``device``.
+    """
+    device = torch.device(device)
+    parts, i, end = [], start, start + count
+    while i < end:
+        stop = min(end, ((i >> 32) + 1) << 32)
+        parts.append(_noise_into(i, stop - i, seed, device))
+        i = stop
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32, device=device)
+
+
+def _aq_check_input(x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in LOSSY_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    return x.contiguous().reshape(-1)
+
+
+def _steps(lo: torch.Tensor, hi: torch.Tensor, bad: torch.Tensor | None, levels: int):
+    """Per group: ``(low, step, inv)`` from its finite range (``bad``: groups with non-finite)."""
+    span = hi - lo
+    if bad is not None:
+        bad = bad | torch.isinf(span)
+    # Tensor-by-tensor division: it is correctly rounded on every device, whereas a Python
+    # scalar divisor may be turned into a multiplication by its reciprocal.
+    lv = torch.full_like(span, float(levels))
+    inv = lv / torch.where(span > 0, span, 1.0)
+    flat = (span == 0) | torch.isinf(inv)
+    if bad is not None:
+        flat |= bad
+    inv = torch.where(flat, 0.0, inv)
+    step = torch.where(flat, 0.0, span / lv)
+    if bad is not None:
+        step = torch.where(bad, float("nan"), step)
+    # -0.0 and +0.0 tie for the minimum and reductions may return either: store +0.0.
+    return torch.where(lo == 0, 0.0, lo), step, inv, bad
+
+
+def quantize_groups(
+    x: torch.Tensor, bits: int, group_size: int, seed: int, stochastic: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize a tensor in groups of ``group_size`` elements to ``bits``-bit codes.
+
+    See :mod:`lctriton.kernels.groupquant` for the format.
+
+    Args:
+        x: Floating tensor (any shape; read in its flattened, contiguous order).
+        bits: 2, 4 or 8.
+        group_size: Elements per group: a power of two in [8, 4096].
+        seed: Seed of the stochastic-rounding hash, in [0, 2**31).
+        stochastic: Round stochastically (unbiased) rather than to nearest.
+
+    Returns:
+        ``(codes, low, step)``: uint8 ``[groups * group_size * bits / 8]`` packed codes,
+        float32 ``[groups]`` group minima and float32 ``[groups]`` steps (NaN for a group
+        holding a non-finite value), all on ``x``'s device.
+
+    Raises:
+        TypeError: If ``x`` is not a floating tensor or an integer argument is not an int.
+        ValueError: If an integer argument is out of range.
+    """
+    bits, group_size, seed = check_aq_args(bits, group_size, seed)
+    flat = _aq_check_input(x)
+    n, dev = flat.numel(), flat.device
+    levels, per_byte = (1 << bits) - 1, 8 // bits
+    groups, nbytes = aq_sizes(n, bits, group_size)
+    codes = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    low = torch.empty(groups, dtype=torch.float32, device=dev)
+    step = torch.empty(groups, dtype=torch.float32, device=dev)
+    slab = max(1, _AQ_SLAB // group_size)  # a power of two: no slab straddles 2**32 elements
+    for g0 in range(0, groups, slab):
+        g1 = min(groups, g0 + slab)
+        e0, e1 = g0 * group_size, min(n, g1 * group_size)
+        m = e1 - e0
+        v = torch.empty((g1 - g0) * group_size, dtype=torch.float32, device=dev)
+        v[:m] = flat[e0:e1]
+        v[m:] = v[m - 1]  # padding repeats a value of its own group: min and max stay the same
+        v = v.view(-1, group_size)
+        lo, hi = v.amin(1), v.amax(1)  # NaN propagates: a finite pair means a finite group
+        if bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            lo, st, inv, _ = _steps(lo, hi, None, levels)
+            t = (v - lo[:, None]).mul_(inv[:, None])
+        else:
+            valid = (torch.arange(v.numel(), device=dev) < m).view(-1, group_size)
+            ok = torch.isfinite(v) & valid
+            inf = torch.tensor(float("inf"), device=dev)
+            lo = torch.where(ok, v, inf).amin(1)
+            hi = torch.where(ok, v, -inf).amax(1)
+            empty = ~ok.any(1)
+            lo, st, inv, bad = _steps(torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi),
+                                      (valid & ~ok).any(1), levels)
+            usable = ok & ~bad[:, None]
+            t = (torch.where(usable, v, lo[:, None]) - lo[:, None]).mul_(inv[:, None])
+        if stochastic:
+            t.add_(rounding_noise(e0, v.numel(), seed, dev).view_as(t))
+        else:
+            t.add_(0.5)
+        # min(int(t), L) == int(min(t, L)) for t >= 0: clamp in float, then truncate to bytes.
+        q = t.clamp_(max=levels).to(torch.uint8).view(-1)
+        q[m:] = 0
+        q = q.view(-1, per_byte)
+        packed = q[:, 0].clone()
+        for i in range(1, per_byte):
+            packed.bitwise_or_(q[:, i] << (i * bits))
+        codes[g0 * group_size // per_byte : g1 * group_size // per_byte] = packed
+        low[g0:g1] = lo
+        step[g0:g1] = st
+    return codes, low, step
+
+
+def _aq_check_codes(codes: object, low: object, step: object, bits: int, group_size: int, numel: object):
+    for name, t, dtype in (("codes", codes, torch.uint8), ("low", low, torch.float32), ("step", step, torch.float32)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    groups, nbytes = aq_sizes(numel, bits, group_size)
+    if codes.numel() != nbytes or low.numel() != groups or step.numel() != groups:
+        raise ValueError(
+            f"{numel} elements in groups of {group_size} at {bits} bits need {nbytes} code bytes and "
+            f"{groups} group entries; got {codes.numel()} code bytes, {low.numel()} low and {step.numel()} step"
+        )
+    if not (codes.device == low.device == step.device):
+        raise ValueError(f"codes, low and step must share a device: {codes.device}, {low.device}, {step.device}")
+
+
+def dequantize_groups(
+    codes: torch.Tensor,
+    low: torch.Tensor,
+    step: torch.Tensor,
+    bits: int,
+    group_size: int,
+    numel: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Values of quantized groups: ``low + code * step`` in float32, rounded to ``dtype``.
+
+    Args:
+        codes, low, step: What :func:`quantize_groups` returned.
+        bits: Its bit width.
+        group_size: Its group size.
+        numel: Elements of the original tensor.
+        dtype: dtype of the result (a floating dtype :func:`quantize_groups` accepts).
+
+    Returns:
+        Flat tensor of ``numel`` elements on ``codes``' device; a group with a NaN step is
+        the quiet NaN of :data:`AQ_NAN_BITS`.
+
+    Raises:
+        TypeError: If an argument has the wrong type or dtype.
+        ValueError: If the sizes do not belong together.
+    """
+    bits, group_size, _ = check_aq_args(bits, group_size, 0)
+    _aq_check_codes(codes, low, step, bits, group_size, numel)
+    if dtype not in LOSSY_DTYPES:
+        raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+    dev = codes.device
+    levels, per_byte = (1 << bits) - 1, 8 // bits
+    groups = low.numel()
+    out = torch.empty(numel, dtype=dtype, device=dev)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=dev)
+    codes = codes.contiguous().view(-1, group_size // per_byte)
+    int_type, nan_bits = AQ_NAN_BITS[dtype]
+    nan = torch.tensor(nan_bits, dtype=int_type, device=dev).view(dtype)
+    slab = max(1, _AQ_SLAB // group_size)
+    for g0 in range(0, groups, slab):
+        g1 = min(groups, g0 + slab)
+        e0, e1 = g0 * group_size, min(numel, g1 * group_size)
+        q = ((codes[g0:g1, :, None] >> shifts) & levels).view(g1 - g0, group_size).to(torch.float32)
+        lo, st = low[g0:g1, None], step[g0:g1, None]
+        bad = torch.isnan(st)
+        if bool(bad.any()):
+            v = torch.where(bad, nan, (q.mul_(torch.where(bad, 0.0, st)).add_(lo)).to(dtype))
+        else:
+            v = q.mul_(st).add_(lo).to(dtype)
+        out[e0:e1] = v.view(-1)[: e1 - e0]
     return out

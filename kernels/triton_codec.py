@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lctriton.kernels.decode import lc_decode, lc_reconstruct
 from lctriton.kernels.encode import lc_encode, lc_symbols
+from lctriton.kernels.groupquant import dequantize_groups, quantize_groups
 from lctriton.kernels.histogram import lc_histogram
 from lctriton.kernels.logquant import lq_reconstruct, lq_symbols
 from lctriton.kernels.rans import rans_decode, rans_encode
@@ -27,4 +28,6 @@ __all__ = [
     "rans_encode",
     "rans_decode",
     "RansStream",
+    "quantize_groups",
+    "dequantize_groups",
 ]

@@ -5,8 +5,9 @@ chunked canonical Huffman coding) with Triton kernels on the GPU, a pure-torch r
 on the CPU, and a container format that never unpickles.
 """
 
+from lctriton import activations
 from lctriton.api import Compressed, compress, compress_each, decompress, inspect, load, save
-from lctriton.config import CodecOptions
+from lctriton.config import ActivationConfig, CodecOptions
 from lctriton.errors import (
     BaseMismatchError,
     ChecksumError,
@@ -37,6 +38,8 @@ __all__ = [
     "load",
     "inspect",
     "CodecOptions",
+    "ActivationConfig",
+    "activations",
     "CheckpointManager",
     "CheckpointInfo",
     "SaveHandle",

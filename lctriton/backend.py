@@ -29,6 +29,8 @@ __all__ = [
     "lq_reconstruct",
     "rans_encode",
     "rans_decode",
+    "quantize_groups",
+    "dequantize_groups",
     "fingerprint",
 ]
 
@@ -126,6 +128,16 @@ def rans_decode(items: list[reference.RansStream], chunk_symbols: int, device: t
     if module is reference:
         return reference.rans_decode(items, chunk_symbols)
     return module.rans_decode(items, chunk_symbols, device)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group_size: int, seed: int, stochastic: bool):
+    """Group quantization of an activation (see ``reference.quantize_groups``)."""
+    return choose(x.device).quantize_groups(x, bits, group_size, seed, stochastic)
+
+
+def dequantize_groups(codes, low, step, bits: int, group_size: int, numel: int, dtype: torch.dtype):
+    """Restore a group-quantized activation (see ``reference.dequantize_groups``)."""
+    return choose(codes.device).dequantize_groups(codes, low, step, bits, group_size, numel, dtype)
 
 
 def fingerprint(tensor: torch.Tensor) -> int:

@@ -8,9 +8,18 @@ call that passed it, with a message naming it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["CodecOptions", "DEFAULT_EXACT_PATTERNS", "MOMENT_PATTERNS", "MOMENT_MODES", "CODERS"]
+__all__ = [
+    "CodecOptions",
+    "ActivationConfig",
+    "DEFAULT_EXACT_PATTERNS",
+    "MOMENT_PATTERNS",
+    "MOMENT_MODES",
+    "CODERS",
+    "ROUNDINGS",
+]
 
 #: Name patterns (``fnmatch`` on the dotted path) that are always stored losslessly:
 #: counters and statistics whose exact value matters.
@@ -118,5 +127,78 @@ class CodecOptions:
         if unknown:
             raise TypeError(
                 f"unknown codec option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**options)  # type: ignore[arg-type]
+
+
+#: Rounding modes of the activation quantizer.
+ROUNDINGS = ("stochastic", "nearest")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationConfig:
+    """How :mod:`lctriton.activations` stores the tensors autograd saves for backward.
+
+    Attributes:
+        bits: Code width: 8, 4 or 2 bits per element (plus 8 bytes per group for its range).
+        rounding: ``"stochastic"`` (unbiased: gradients are right on average, the choice
+            for 2 and 4 bits) or ``"nearest"`` (smallest error per element).
+        group_size: Elements sharing one range: a power of two from 8 to 4096. Smaller groups
+            follow the data more closely and cost more range entries.
+        min_numel: Saved tensors with fewer elements stay exact: too small to be worth a
+            kernel launch.
+        exact_modules: Module types whose saved tensors all stay exact while their forward
+            runs (e.g. ``nn.MultiheadAttention`` to keep attention probabilities exact).
+            Needs the module wrapper or ``compressed(module=...)`` to see module scopes.
+        exact: A predicate over each saved tensor; True keeps it exact.
+        compress_leaves: Also compress saved tensors that autograd did not produce (no
+            ``grad_fn``): inputs, constants and the statistics and masks ops keep beside
+            their outputs. Off by default: those are usually alive anyway or must be exact.
+        seed: Seed of stochastic rounding; by default derived from ``torch.initial_seed()``,
+            so a seeded run rounds the same way each time.
+    """
+
+    bits: int = 4
+    rounding: str = "stochastic"
+    group_size: int = 128
+    min_numel: int = 2048
+    exact_modules: tuple[type, ...] = ()
+    exact: Callable[[Any], bool] | None = None
+    compress_leaves: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 8, 4 or 2, got {self.bits!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or not 8 <= g <= 4096 or g & (g - 1):
+            raise ValueError(f"group_size must be a power of two from 8 to 4096, got {g!r}")
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ValueError(f"min_numel must be a non-negative int, got {self.min_numel!r}")
+        modules = self.exact_modules
+        if isinstance(modules, type):
+            modules = (modules,)
+        if not isinstance(modules, Iterable) or not all(isinstance(m, type) for m in modules):
+            raise TypeError(f"exact_modules must be a sequence of module classes, got {self.exact_modules!r}")
+        object.__setattr__(self, "exact_modules", tuple(modules))
+        if self.exact is not None and not callable(self.exact):
+            raise TypeError(f"exact must be None or a callable taking a tensor, got {self.exact!r}")
+        if not isinstance(self.compress_leaves, bool):
+            raise TypeError(f"compress_leaves must be a bool, got {self.compress_leaves!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63
+        ):
+            raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
+
+    @classmethod
+    def from_kwargs(cls, **options: object) -> ActivationConfig:
+        """Build a config from keyword arguments, rejecting unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown activation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**options)  # type: ignore[arg-type]
