@@ -268,6 +268,9 @@ class compressed(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a con
         # Tensor subclasses (DTensor, fake and meta tensors) carry semantics the codes would lose.
         if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type not in ("cpu", "cuda"):
             return True
+        # A broadcast view (stride 0) is smaller in memory than its codes would be.
+        if t.untyped_storage().nbytes() < t.nbytes:
+            return True
         if _is_parameter_like(t) or (t.grad_fn is None and not cfg.compress_leaves):
             return True
         if _exact_depth() > 0:

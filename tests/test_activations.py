@@ -166,6 +166,16 @@ def test_meta_tensors_are_left_alone():
     assert region.stats.tensors_compressed == 0 and region.stats.tensors_exact > 0
 
 
+def test_broadcast_views_are_kept_as_they_are():
+    x = torch.randn(1, 4096, requires_grad=True)
+    wide = (x * 2).expand(64, 4096)
+    other = torch.randn(64, 4096, requires_grad=True) * 1.0
+    with compressed(bits=4) as region:
+        y = (wide * other).sum()
+    assert region.stats.tensors_compressed == 1  # the other factor, not the broadcast view
+    y.backward()
+
+
 def test_min_numel_keeps_small_tensors_exact():
     model, x = _model(), _batch()
     with compressed(bits=4, min_numel=x.numel() + 1) as region:
