@@ -1193,8 +1193,9 @@ AQ_NAN_BITS = {
     torch.float16: (torch.int16, 0x7E00),
     torch.bfloat16: (torch.int16, 0x7FC0),
 }
-#: Elements the reference handles at once: bounds its temporaries (int64 hash lanes).
-_AQ_SLAB = 1 << 20
+#: Elements the reference handles at once. It bounds the temporaries (the hash's int64
+#: lanes are 8 bytes an element), which would otherwise set the peak of a compressed step.
+_AQ_SLAB = 1 << 18
 
 
 def check_aq_args(bits: object, group_size: object, seed: object) -> tuple[int, int, int]:

@@ -16,6 +16,11 @@ their combination:
 * **Both**: with ``compress=``, a segment's inputs (the checkpoint boundaries) are stored
   compressed as well, so only a fraction of even the boundaries stays in memory.
 
+Attention is the exception to the chosen width: its backward recomputes probabilities from
+the saved queries and keys against an exact log-sum-exp, so their error comes back
+exponentiated. What ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` save is
+kept at ``attention_bits`` (8 by default; None: exact).
+
 What stays exact (held as the tensor itself): integer and boolean tensors (indices, masks),
 tensors with fewer than ``min_numel`` elements, parameters and views of them, and tensors
 autograd did not produce, such as inputs and the statistics and masks that normalization and
@@ -41,6 +46,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from lctriton import backend
 from lctriton.config import ActivationConfig
@@ -50,6 +57,7 @@ __all__ = [
     "ActivationStats",
     "compressed",
     "exact",
+    "manual_seed",
     "CompressedActivations",
     "checkpoint",
     "checkpoint_sequential",
@@ -62,7 +70,11 @@ _COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
 #: Process-wide count of compressed tensors: each gets its own rounding seed, so that the
 #: same activation in consecutive steps is not rounded by the same noise.
 _PACKS = itertools.count()
+#: Replaces ``torch.initial_seed()`` as the base of the rounding seeds (``manual_seed``).
+_BASE_SEED: int | None = None
 _LOCAL = threading.local()
+#: Functions whose saved tensors are attention's (``ActivationConfig.attention_bits``).
+_ATTENTION = (F.scaled_dot_product_attention, F.multi_head_attention_forward)
 
 
 @dataclasses.dataclass
@@ -95,9 +107,30 @@ class ActivationStats:
         return self.bytes_out + self.bytes_exact
 
 
+def manual_seed(seed: int) -> None:
+    """Restart the stream of rounding seeds: from here on, the same forward passes round the
+    same way (as ``torch.manual_seed`` does for torch's generators).
+
+    Each compressed tensor's seed mixes a base (``ActivationConfig.seed``, else this seed,
+    else ``torch.initial_seed()``) with a process-wide count of compressed tensors, so that
+    consecutive steps draw fresh noise; this resets the count.
+
+    Raises:
+        ValueError: If ``seed`` is not an int in [0, 2**63).
+    """
+    global _PACKS, _BASE_SEED
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    _BASE_SEED = seed
+    _PACKS = itertools.count()
+
+
 def _seed(config: ActivationConfig) -> int:
-    """A fresh 31-bit rounding seed: the config's (or torch's) seed mixed with a counter."""
-    base = config.seed if config.seed is not None else torch.initial_seed()
+    """A fresh 31-bit rounding seed: the base seed mixed with the count of packs."""
+    if config.seed is not None:
+        base = config.seed
+    else:
+        base = _BASE_SEED if _BASE_SEED is not None else torch.initial_seed()
     x = (base * 0x9E3779B97F4A7C15 + next(_PACKS) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
     x ^= x >> 31
     return x & 0x7FFFFFFF
@@ -139,16 +172,16 @@ class _Packed:
 
     __slots__ = ("codes", "low", "step", "shape", "dtype", "order", "bits", "group_size", "source", "__weakref__")
 
-    def __init__(self, t: torch.Tensor, config: ActivationConfig) -> None:
+    def __init__(self, t: torch.Tensor, config: ActivationConfig, bits: int) -> None:
         order = _dense_order(t)
         memory = t.permute(order) if order is not None else t
         self.codes, self.low, self.step = backend.quantize_groups(
-            memory.detach(), config.bits, config.group_size, _seed(config), config.rounding == "stochastic"
+            memory.detach(), bits, config.group_size, _seed(config), config.rounding == "stochastic"
         )
         self.shape = memory.shape
         self.dtype = t.dtype
         self.order = order
-        self.bits = config.bits
+        self.bits = bits
         self.group_size = config.group_size
         self.source = weakref.ref(t)
 
@@ -171,6 +204,25 @@ class _Packed:
 
 def _exact_depth() -> int:
     return getattr(_LOCAL, "exact_depth", 0)
+
+
+def _attention_depth() -> int:
+    return getattr(_LOCAL, "attention_depth", 0)
+
+
+class _AttentionScope(TorchFunctionMode):
+    """Marks the calls of attention functions, so that what they save gets
+    ``attention_bits``. (Nested calls run without the mode: attention inside
+    ``multi_head_attention_forward`` is covered by marking that function too.)"""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func not in _ATTENTION:
+            return func(*args, **(kwargs or {}))
+        _LOCAL.attention_depth = _attention_depth() + 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            _LOCAL.attention_depth -= 1
 
 
 def _enter_exact_module(module: nn.Module, args: Any) -> None:
@@ -247,16 +299,23 @@ class compressed(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a con
         # once, and nothing here outlives the graph that holds it.
         self._packed: weakref.WeakValueDictionary[int, _Packed] = weakref.WeakValueDictionary()
         self._handles: list[Any] = []
+        self._attention: _AttentionScope | None = None
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> compressed:
         if self.module is not None:
             self._handles = _scope_exact_modules(self.module, self.config.exact_modules)
+        if self.config.attention_bits != self.config.bits:
+            self._attention = _AttentionScope()
+            self._attention.__enter__()
         super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
+        if self._attention is not None:
+            self._attention.__exit__(None, None, None)
+            self._attention = None
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -278,7 +337,10 @@ class compressed(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a con
         return cfg.exact is not None and bool(cfg.exact(t))
 
     def _pack(self, t: torch.Tensor) -> _Exact | _Packed:
-        if self._keeps_exact(t):
+        bits: int | None = self.config.bits
+        if _attention_depth() > 0:
+            bits = self.config.attention_bits
+        if bits is None or self._keeps_exact(t):
             self.stats.tensors_exact += 1
             self.stats.bytes_exact += t.nbytes
             return _Exact(t)
@@ -286,7 +348,7 @@ class compressed(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a con
         if hit is not None and hit.source() is t:
             return hit
         with torch.no_grad():
-            packed = _Packed(t, self.config)
+            packed = _Packed(t, self.config, bits)
         self._packed[id(t)] = packed
         self.stats.tensors_compressed += 1
         self.stats.bytes_in += t.nbytes

@@ -147,6 +147,13 @@ class ActivationConfig:
             follow the data more closely and cost more range entries.
         min_numel: Saved tensors with fewer elements stay exact: too small to be worth a
             kernel launch.
+        attention_bits: Code width (8, 4 or 2) of what attention saves: the queries, keys,
+            values and output kept by ``F.scaled_dot_product_attention`` and
+            ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``); ``None`` keeps them
+            exact. Attention's backward recomputes the probabilities from the queries and keys
+            against its exact log-sum-exp, so an error in ``q . k`` comes back exponentiated:
+            at 4 bits the gradient of a trained transformer loses its direction (cosine 0.7),
+            at 8 bits it keeps it.
         exact_modules: Module types whose saved tensors all stay exact while their forward
             runs (e.g. ``nn.MultiheadAttention`` to keep attention probabilities exact).
             Needs the module wrapper or ``compressed(module=...)`` to see module scopes.
@@ -154,14 +161,16 @@ class ActivationConfig:
         compress_leaves: Also compress saved tensors that autograd did not produce (no
             ``grad_fn``): inputs, constants and the statistics and masks ops keep beside
             their outputs. Off by default: those are usually alive anyway or must be exact.
-        seed: Seed of stochastic rounding; by default derived from ``torch.initial_seed()``,
-            so a seeded run rounds the same way each time.
+        seed: Seed of stochastic rounding, in place of ``torch.initial_seed()``. Each
+            compressed tensor draws its own stream from the seed and a process-wide count of
+            compressed tensors (see :func:`lctriton.activations.manual_seed`).
     """
 
     bits: int = 4
     rounding: str = "stochastic"
     group_size: int = 128
     min_numel: int = 2048
+    attention_bits: int | None = 8
     exact_modules: tuple[type, ...] = ()
     exact: Callable[[Any], bool] | None = None
     compress_leaves: bool = False
@@ -172,6 +181,9 @@ class ActivationConfig:
             raise ValueError(f"bits must be 8, 4 or 2, got {self.bits!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        a = self.attention_bits
+        if a is not None and (isinstance(a, bool) or a not in (2, 4, 8)):
+            raise ValueError(f"attention_bits must be 8, 4, 2 or None (exact), got {a!r}")
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, int) or not 8 <= g <= 4096 or g & (g - 1):
             raise ValueError(f"group_size must be a power of two from 8 to 4096, got {g!r}")

@@ -93,22 +93,86 @@ def test_retained_graph_gives_the_same_gradients_twice():
         assert torch.equal(a, p.grad)
 
 
-def test_seeded_runs_round_identically_and_steps_draw_fresh_noise(monkeypatch):
-    import lctriton.activations as act
+def test_seeded_runs_round_identically_and_steps_draw_fresh_noise():
+    from lctriton.activations import manual_seed
 
     model, x = _model(), _batch()
 
     def run():
-        with compressed(_small(bits=2, seed=42)):
+        with compressed(_small(bits=2)):
             out = model(x)
         return _grads(model, lambda: out)
 
-    monkeypatch.setattr(act, "_PACKS", iter(range(1000)))
+    manual_seed(42)
     first = run()
-    second = run()  # the next step: the pack counter moved on, so other noise
+    second = run()  # the next step: the count of packs moved on, so other noise
     assert not torch.equal(first, second)
-    monkeypatch.setattr(act, "_PACKS", iter(range(1000)))
+    manual_seed(42)
     assert_bit_exact(run(), first)  # the same seed and count: the same rounding
+    with pytest.raises(ValueError, match="seed must be an int"):
+        manual_seed(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+class _Attention(nn.Module):
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.mha = nn.MultiheadAttention(WIDTH, 4, batch_first=True)
+
+    def forward(self, x):
+        if not self.functional:
+            return self.mha(x, x, x, need_weights=False)[0]
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, WIDTH // 4).unbind(2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True)
+
+
+def _widths(config, module, x):
+    widths = []
+
+    class Spy(compressed):
+        def _pack(self, t):
+            p = super()._pack(t)
+            widths.append(p.bits if type(p).__name__ == "_Packed" else "exact")
+            return p
+
+    with Spy(config):
+        module(x).sum().backward()
+    return widths
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_attention_saves_at_attention_bits(functional):
+    torch.manual_seed(0)
+    module, x = _Attention(functional), torch.randn(4, 32, WIDTH)
+    default = _widths(_small(bits=4), module, x)
+    assert default.count(8) >= 3  # queries, keys and values at least
+    exact_attention = _widths(_small(bits=4, attention_bits=None), module, x)
+    assert 8 not in exact_attention and exact_attention.count("exact") >= default.count("exact") + 3
+    same = _widths(_small(bits=4, attention_bits=4), module, x)
+    assert set(same) <= {4, "exact"}
+
+
+def test_attention_width_restores_the_gradient_direction():
+    torch.manual_seed(0)
+    module = _Attention(True)
+    x = torch.randn(4, 32, WIDTH) * 3
+    module.zero_grad()
+    module(x).pow(2).sum().backward()
+    want = torch.cat([p.grad.reshape(-1) for p in module.qkv.parameters()])
+    errors = {}
+    for attention_bits in (2, 8):
+        module.zero_grad()
+        with compressed(_small(bits=2, attention_bits=attention_bits, rounding="nearest")):
+            out = module(x)
+        out.pow(2).sum().backward()
+        errors[attention_bits] = _rel(torch.cat([p.grad.reshape(-1) for p in module.qkv.parameters()]), want)
+    assert errors[8] < 0.05 < errors[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,17 +379,15 @@ def test_triton_path_gives_the_reference_gradients_bit_for_bit(monkeypatch):
             out = model(x)
         return _grads(model, lambda: out)
 
-    import lctriton.activations as act
+    from lctriton.activations import manual_seed
 
-    counter = act._PACKS
-    monkeypatch.setattr(act, "_PACKS", iter(range(1000)))
+    manual_seed(1)
     monkeypatch.setenv(backend.BACKEND_ENV, "reference")
     want = grads()
-    monkeypatch.setattr(act, "_PACKS", iter(range(1000)))
+    manual_seed(1)
     monkeypatch.setenv(backend.BACKEND_ENV, "triton")
     got = grads()
     assert_bit_exact(got, want)
-    assert counter is not act._PACKS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,10 +521,10 @@ def test_gpu_training_step_matches_the_reference_backend(monkeypatch):
             out = model(x)
         return _grads(model, lambda: out)
 
-    monkeypatch.setattr(act, "_PACKS", iter(range(1000)))
+    act.manual_seed(1)
     monkeypatch.setenv(backend.BACKEND_ENV, "reference")
     want = grads()
-    monkeypatch.setattr(act, "_PACKS", iter(range(1000)))
+    act.manual_seed(1)
     monkeypatch.setenv(backend.BACKEND_ENV, "auto")
     got = grads()
     # The kernels restore the reference's bytes (tests/test_groupquant.py); the gradients may

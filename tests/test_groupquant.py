@@ -68,6 +68,19 @@ def test_special_values_match_reference(dtype):
             assert_bit_exact(low[10:11], torch.zeros(1), "zero minimum")
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_reference_slabs_do_not_change_the_bytes(monkeypatch, stochastic):
+    x = _data(5000, torch.bfloat16)
+    x[1234] = float("nan")  # one slab takes the general path, the others the finite one
+    want = reference.quantize_groups(x, 4, 64, 21, stochastic)
+    monkeypatch.setattr(reference, "_AQ_SLAB", 256)  # 4 groups a slab, the last one partial
+    got = reference.quantize_groups(x, 4, 64, 21, stochastic)
+    for g, w in zip(got, want, strict=True):
+        assert_bit_exact(g, w)
+    assert_bit_exact(reference.dequantize_groups(*got, 4, 64, 5000, torch.bfloat16),
+                     groupquant.dequantize_groups(*want, 4, 64, 5000, torch.bfloat16))
+
+
 def test_non_contiguous_input_is_read_in_logical_order():
     x = _data(64 * 70, torch.float32).view(64, 70)[:, 3:60].t()
     codes, low, step = _both(x, 4, 64, 3, True)
