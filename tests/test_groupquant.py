@@ -223,3 +223,48 @@ def test_gpu_large_tensors_match_reference(dtype, bits):
             assert_bit_exact(g.cpu(), w)
         restored = groupquant.dequantize_groups(*(t.cuda() for t in want), bits, 128, x.numel(), dtype)
         assert_bit_exact(restored.cpu(), reference.dequantize_groups(*want, bits, 128, x.numel(), dtype))
+
+
+_LOWERING = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lctriton.kernels import groupquant
+
+ptr, kind = sys.argv[1], int(sys.argv[2])
+cases = [
+    (groupquant._quantize_groups_kernel,
+     {"x_ptr": ptr, "codes_ptr": "*u8", "low_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64",
+      "groups": "i64", "seed": "i32", "BITS": "constexpr", "GROUP": "constexpr", "GROUPS": "constexpr",
+      "STOCHASTIC": "constexpr", "KIND": "constexpr"},
+     {"BITS": 4, "GROUP": 128, "GROUPS": 32, "STOCHASTIC": True, "KIND": kind}),
+    (groupquant._dequantize_groups_kernel,
+     {"codes_ptr": "*u8", "low_ptr": "*fp32", "step_ptr": "*fp32", "out_ptr": ptr, "n": "i64",
+      "groups": "i64", "BITS": "constexpr", "GROUP": "constexpr", "GROUPS": "constexpr", "KIND": "constexpr"},
+     {"BITS": 2, "GROUP": 4096, "GROUPS": 1, "KIND": kind}),
+]
+ptx = [triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                      options={"enable_fp_fusion": False}).asm["ptx"] for fn, sig, c in cases]
+print(json.dumps(ptx))
+"""
+
+
+@pytest.mark.parametrize("ptr, kind", [("*fp32", 0), ("*bf16", 3)])
+def test_kernels_lower_for_a_gpu_without_fused_multiply_add(ptr, kind):
+    """Compile both kernels for an sm_90 GPU without one (Triton bundles the toolchain), in a
+    process without the interpreter, so that lowering errors show on a CPU-only machine."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _LOWERING, ptr, str(kind)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0 and "ptxas" in done.stderr:
+        pytest.skip(f"this Triton cannot lower for CUDA here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    quantize, dequantize = json.loads(done.stdout)
+    # The bytes depend on correctly rounded division and on separate multiplies and adds.
+    assert "div.rn.f32" in quantize and "fma" not in quantize and "fma" not in dequantize
