@@ -60,6 +60,17 @@ def _mix32(x):
     return x ^ (x >> 15)
 
 
+@triton.jit
+def _group_lanes(GROUP: tl.constexpr, GROUPS: tl.constexpr, PER_BYTE: tl.constexpr):
+    """This program's groups ``g`` [GROUPS], byte columns ``j`` [GROUP / PER_BYTE], code slots
+    ``k`` [PER_BYTE] and the flat index of each element, [GROUPS, GROUP / PER_BYTE, PER_BYTE]."""
+    g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    j = tl.arange(0, GROUP // PER_BYTE)
+    k = tl.arange(0, PER_BYTE)
+    offs = g[:, None, None] * GROUP + j[None, :, None] * PER_BYTE + k[None, None, :]
+    return g, j, k, offs
+
+
 # The seed is a runtime value: a seed of 1 must not turn into a compile-time constant.
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_groups_kernel(
@@ -79,10 +90,7 @@ def _quantize_groups_kernel(
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES: tl.constexpr = GROUP // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
-    j = tl.arange(0, BYTES)
-    k = tl.arange(0, PER_BYTE)
-    offs = g[:, None, None] * GROUP + j[None, :, None] * PER_BYTE + k[None, None, :]
+    g, j, k, offs = _group_lanes(GROUP, GROUPS, PER_BYTE)
     valid = offs < n
     v = to_f32(tl.load(x_ptr + offs, mask=valid, other=0), KIND)
     # Non-finite from the bits: the exponent field all ones.
@@ -151,9 +159,7 @@ def _dequantize_groups_kernel(
     PER_BYTE: tl.constexpr = 8 // BITS
     BYTES: tl.constexpr = GROUP // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
-    j = tl.arange(0, BYTES)
-    k = tl.arange(0, PER_BYTE)
+    g, j, k, offs = _group_lanes(GROUP, GROUPS, PER_BYTE)
     gmask = g < groups
     byte = tl.load(codes_ptr + g[:, None] * BYTES + j[None, :], mask=gmask[:, None], other=0).to(tl.int32)
     lo = tl.load(low_ptr + g, mask=gmask, other=0.0)
@@ -162,7 +168,6 @@ def _dequantize_groups_kernel(
     bad = (step != step)[:, None, None]
     v = lo[:, None, None] + q.to(tl.float32) * tl.where(step != step, 0.0, step)[:, None, None]
     v = tl.where(bad, _quiet_nan(KIND), to_dtype(v, KIND))
-    offs = g[:, None, None] * GROUP + j[None, :, None] * PER_BYTE + k[None, None, :]
     tl.store(out_ptr + offs, v, mask=offs < n)
 
 

@@ -43,6 +43,15 @@ MOMENT_MODES = ("log", "predict", "lossy", "exact")
 CODERS = ("auto", "huffman", "rans")
 
 
+def _from_kwargs(cls: type, what: str, options: dict[str, object]) -> Any:
+    """``cls(**options)``, with a TypeError naming unknown options and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**options)
+
+
 @dataclasses.dataclass(frozen=True)
 class CodecOptions:
     """How tensors are encoded.
@@ -122,13 +131,7 @@ class CodecOptions:
     @classmethod
     def from_kwargs(cls, **options: object) -> CodecOptions:
         """Build options from keyword arguments, rejecting unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown codec option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**options)  # type: ignore[arg-type]
+        return _from_kwargs(cls, "codec", options)
 
 
 #: Rounding modes of the activation quantizer.
@@ -207,10 +210,4 @@ class ActivationConfig:
     @classmethod
     def from_kwargs(cls, **options: object) -> ActivationConfig:
         """Build a config from keyword arguments, rejecting unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown activation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**options)  # type: ignore[arg-type]
+        return _from_kwargs(cls, "activation", options)
