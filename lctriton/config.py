@@ -79,7 +79,9 @@ class CodecOptions:
             which can blow up Adam's first update after a restore); ``"exact"`` stores them
             losslessly. Key checkpoints follow ``lossless_key``.
         moment_precision: Mantissa bits of an ``lq/1`` bin: ``2**moment_precision`` bins per
-            octave, relative error up to ``2**-moment_precision``. 0 to 4.
+            octave, relative error up to ``2**-moment_precision``. 0 to 4; default 2, the
+            coarsest that kept the final loss within 2% of an uninterrupted run after
+            restores on both benchmark workloads (``benchmarks/results/fidelity-*``).
         code_exact: Entropy-code exactly stored tensors as byte planes (``bp/1``; against
             the base's bytes when there is one) instead of storing their raw bytes.
     """
@@ -92,7 +94,7 @@ class CodecOptions:
     chunk_symbols: int = 4096
     coder: str = "auto"
     moments: str = "log"
-    moment_precision: int = 1
+    moment_precision: int = 2
     code_exact: bool = True
 
     def __post_init__(self) -> None:
