@@ -43,6 +43,18 @@ MOMENT_MODES = ("log", "predict", "lossy", "exact")
 CODERS = ("auto", "huffman", "rans")
 
 
+def _tuple_of(value: object, item: type, name: str, what: str) -> tuple:
+    """An option that takes one ``item`` or a sequence of them, as a tuple.
+
+    Raises:
+        TypeError: Naming the option, if ``value`` is neither.
+    """
+    items = (value,) if isinstance(value, item) else value
+    if not isinstance(items, Iterable) or not all(isinstance(v, item) for v in items):
+        raise TypeError(f"{name} must be a sequence of {what}, got {value!r}")
+    return tuple(items)
+
+
 def _from_kwargs(cls: type, what: str, options: dict[str, object]) -> Any:
     """``cls(**options)``, with a TypeError naming unknown options and the known ones."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -103,12 +115,7 @@ class CodecOptions:
         for name in ("lossless", "lossless_key", "code_exact"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        exact = self.exact
-        if isinstance(exact, str):
-            exact = (exact,)
-        if not isinstance(exact, Iterable) or not all(isinstance(p, str) for p in exact):
-            raise TypeError(f"exact must be a sequence of name patterns (str), got {self.exact!r}")
-        object.__setattr__(self, "exact", tuple(exact))
+        object.__setattr__(self, "exact", _tuple_of(self.exact, str, "exact", "name patterns (str)"))
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative int, got {self.min_numel!r}")
         c = self.chunk_symbols
@@ -194,12 +201,9 @@ class ActivationConfig:
             raise ValueError(f"group_size must be a power of two from 8 to 4096, got {g!r}")
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative int, got {self.min_numel!r}")
-        modules = self.exact_modules
-        if isinstance(modules, type):
-            modules = (modules,)
-        if not isinstance(modules, Iterable) or not all(isinstance(m, type) for m in modules):
-            raise TypeError(f"exact_modules must be a sequence of module classes, got {self.exact_modules!r}")
-        object.__setattr__(self, "exact_modules", tuple(modules))
+        object.__setattr__(
+            self, "exact_modules", _tuple_of(self.exact_modules, type, "exact_modules", "module classes")
+        )
         if self.exact is not None and not callable(self.exact):
             raise TypeError(f"exact must be None or a callable taking a tensor, got {self.exact!r}")
         if not isinstance(self.compress_leaves, bool):
