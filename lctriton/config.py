@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from lctriton.kernels.reference import AQ_BITS, AQ_MAX_GROUP, AQ_MIN_GROUP
+
 __all__ = [
     "CodecOptions",
     "ActivationConfig",
@@ -189,16 +191,20 @@ class ActivationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 8, 4 or 2, got {self.bits!r}")
+        listed = ", ".join(str(b) for b in sorted(AQ_BITS, reverse=True))  # "8, 4, 2"
+        widths = " or ".join(listed.rsplit(", ", 1))  # "8, 4 or 2"
+        if isinstance(self.bits, bool) or self.bits not in AQ_BITS:
+            raise ValueError(f"bits must be {widths}, got {self.bits!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         a = self.attention_bits
-        if a is not None and (isinstance(a, bool) or a not in (2, 4, 8)):
-            raise ValueError(f"attention_bits must be 8, 4, 2 or None (exact), got {a!r}")
+        if a is not None and (isinstance(a, bool) or a not in AQ_BITS):
+            raise ValueError(f"attention_bits must be {listed} or None (exact), got {a!r}")
         g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or not 8 <= g <= 4096 or g & (g - 1):
-            raise ValueError(f"group_size must be a power of two from 8 to 4096, got {g!r}")
+        if isinstance(g, bool) or not isinstance(g, int) or not AQ_MIN_GROUP <= g <= AQ_MAX_GROUP or g & (g - 1):
+            raise ValueError(
+                f"group_size must be a power of two from {AQ_MIN_GROUP} to {AQ_MAX_GROUP}, got {g!r}"
+            )
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative int, got {self.min_numel!r}")
         object.__setattr__(
