@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SUITES = {"cpu": ["bench_codec.py", "bench_manager.py", "bench_dcp.py", "bench_activations.py"], "gpu": ["bench_gpu.py", "bench_manager.py", "bench_activations.py"]}
+SUITES = {"cpu": ["bench_codec.py", "bench_state.py", "bench_manager.py", "bench_dcp.py", "bench_activations.py"], "gpu": ["bench_gpu.py", "bench_manager.py", "bench_activations.py"]}
 
 
 def _summary(data: dict) -> str:

@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 from lctriton.kernels._runtime import check_device, check_tensor, interpreting
 from lctriton.kernels.reference import (
+    RANS_CORRUPT,
     RANS_LOW,
+    RANS_ZERO_FREQUENCY,
     RansStream,
     _check_rans_table,
     check_chunk_symbols,
@@ -251,7 +253,7 @@ def rans_encode(
     # One transfer for both: the stream's length and whether a symbol had frequency 0.
     total, nbad = torch.stack((counts.sum(), bad.sum())).tolist()
     if nbad:
-        raise ValueError("a symbol to code has frequency 0")
+        raise ValueError(RANS_ZERO_FREQUENCY)
     offsets = torch.cumsum(counts, 0) - counts
     words = torch.empty(total, dtype=torch.int16, device=dev)
     block = min(_GATHER_BLOCK, triton.next_power_of_2(chunk + 2))
@@ -326,7 +328,7 @@ def rans_decode(
         )
         ok = (state == RANS_LOW) & (pos == torch.from_numpy(ends).to(dev))
         if not bool(ok.all()):
-            raise ValueError("a chunk's rANS code does not end where its chunk table says")
+            raise ValueError(RANS_CORRUPT)
         out.append(result)
     return out
 

@@ -49,6 +49,7 @@ fingerprint of their base so that decoding against a wrong base is detected.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -995,14 +996,8 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     Raises:
         ValueError: If the table is invalid or a symbol has frequency 0.
     """
-    check_chunk_symbols(chunk_symbols)
-    f = _check_rans_table(freqs.cpu().numpy() if isinstance(freqs, torch.Tensor) else freqs)
-    if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
-        raise TypeError(f"symbols must be a uint8 tensor, got {getattr(symbols, 'dtype', type(symbols).__name__)}")
-    sym = symbols.detach().cpu().contiguous().reshape(-1).numpy().view(np.uint8)
+    sym, f = rans_encode_input(symbols, freqs, chunk_symbols)
     n = sym.size
-    if n and (int(sym.max()) >= f.size or not f[np.unique(sym)].all()):
-        raise ValueError("a symbol to code has frequency 0")
     full = n // chunk_symbols
     parts = []
     if full:
@@ -1014,6 +1009,39 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     words = np.concatenate([p[0] for p in parts])
     counts = np.concatenate([p[1] for p in parts])
     return torch.from_numpy(words.view(np.int16)), torch.from_numpy(counts)
+
+
+#: What every rANS encoder raises for a symbol outside its table.
+RANS_ZERO_FREQUENCY = "a symbol to code has frequency 0"
+
+
+def rans_encode_input(
+    symbols: object, freqs: object, chunk_symbols: object, check_symbols: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check :func:`rans_encode`'s arguments (every CPU coder of the format shares this).
+
+    Args:
+        symbols, freqs, chunk_symbols: As :func:`rans_encode` takes them.
+        check_symbols: Also check that every symbol has a nonzero frequency; a coder that
+            checks this while it codes passes False (the check is a pass over the symbols).
+
+    Returns:
+        ``(symbols, freqs)``: the symbols as a flat uint8 numpy array, the table as int64.
+
+    Raises:
+        TypeError: If ``symbols`` is not a uint8 tensor.
+        ValueError: If the table or chunk size is invalid, or a symbol has frequency 0.
+    """
+    check_chunk_symbols(chunk_symbols)
+    f = _check_rans_table(freqs.cpu().numpy() if isinstance(freqs, torch.Tensor) else freqs)
+    if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
+        raise TypeError(f"symbols must be a uint8 tensor, got {getattr(symbols, 'dtype', type(symbols).__name__)}")
+    sym = symbols.detach().cpu().contiguous().reshape(-1).numpy().view(np.uint8)
+    if check_symbols:
+        used = np.bincount(sym, minlength=256) > 0
+        if used[f.size :].any() or (used[: f.size] & (f == 0)).any():
+            raise ValueError(RANS_ZERO_FREQUENCY)
+    return sym, f
 
 
 def _rans_encode_lanes(grid: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1093,6 +1121,77 @@ def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tenso
         ValueError: If a table is invalid, or a chunk does not end with every word read and
             the state back at ``2**16`` (a corrupt or truncated stream).
     """
+    lanes = rans_lanes(items, chunk_symbols)
+    if lanes is None:
+        return [torch.zeros(it.numel, dtype=torch.uint8) for it in items]
+    # One zero word of padding: a corrupt lane may read past the stream's end.
+    words = np.concatenate([lanes.words, np.zeros(chunk_symbols + 1, dtype=np.uint16)]).astype(np.uint32)
+    start, end, size, table = lanes.start, lanes.end, lanes.size, lanes.table
+    # Flat tables indexed by (table << 8 | symbol) and (table << 12 | slot).
+    freq_flat, cum_flat, slot_flat = lanes.freq.reshape(-1), lanes.cum.reshape(-1), lanes.slots.reshape(-1)
+    sym_base = (table << 8).astype(np.int64)
+    slot_base = (table << RANS_PROB_BITS).astype(np.int64)
+    x = words[start] | (words[start + 1] << np.uint32(16))
+    pos = start + 2
+    result = np.zeros((lanes.longest, size.size), dtype=np.uint8)
+    for i in range(lanes.longest):
+        active = size > i
+        slot = (x & np.uint32(_RANS_MASK)).astype(np.int64)
+        s = slot_flat[slot_base + slot]
+        idx = sym_base + s
+        nx = freq_flat[idx] * (x >> np.uint32(RANS_PROB_BITS)) + slot.astype(np.uint32) - cum_flat[idx]
+        need = nx < np.uint32(RANS_LOW)
+        nx = np.where(need, (nx << np.uint32(16)) | words[np.minimum(pos, words.size - 1)], nx)
+        if not active.all():  # only the last chunk of a stream is shorter
+            nx = np.where(active, nx, x)
+            need &= active
+        x = nx
+        pos = pos + need
+        result[i] = s
+    if not ((x == RANS_LOW) & (pos == end)).all():
+        raise ValueError(RANS_CORRUPT)
+    return rans_split_lanes(result.T, items, chunk_symbols)
+
+
+#: What every rANS decoder raises for a chunk that does not decode cleanly.
+RANS_CORRUPT = "a chunk's rANS code does not end where its chunk table says"
+
+
+@dataclasses.dataclass
+class RansLanes:
+    """Many streams' chunks as decoding lanes, checked against their chunk tables.
+
+    Attributes:
+        words: uint16, every stream's words laid end to end.
+        start, end: int64 per lane, its first word and the word after its last.
+        size: int64 per lane, its symbols (only a stream's last chunk is shorter).
+        table: int64 per lane, the index of its stream's table.
+        freq, cum: uint32 ``[tables, 256]``, frequency and cumulative frequency per symbol.
+        slots: uint8 ``[tables, 4096]``, the symbol owning each slot.
+        longest: The largest ``size``.
+    """
+
+    words: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    size: np.ndarray
+    table: np.ndarray
+    freq: np.ndarray
+    cum: np.ndarray
+    slots: np.ndarray
+    longest: int
+
+
+def rans_lanes(items: list[RansStream], chunk_symbols: int) -> RansLanes | None:
+    """Check streams for :func:`rans_decode` and lay their chunks out as lanes (every CPU
+    decoder of the format shares this).
+
+    Returns:
+        The lanes, or None when no stream has a word (nothing to decode).
+
+    Raises:
+        ValueError: If a table is invalid or a chunk table does not fit its stream.
+    """
     check_chunk_symbols(chunk_symbols)
     tables = [_check_rans_table(it.freqs) for it in items]
     word_parts, lane_start, lane_end, lane_count, lane_table = [], [], [], [], []
@@ -1117,15 +1216,8 @@ def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tenso
         lane_count.append(sizes)
         lane_table.append(np.full(nchunks, t, dtype=np.int64))
         offset += words.size
-    out: list[torch.Tensor] = []
     if not word_parts or offset == 0:
-        return [torch.zeros(it.numel, dtype=torch.uint8) for it in items]
-    # One zero word of padding: a corrupt lane may read past the stream's end.
-    words = np.concatenate(word_parts + [np.zeros(chunk_symbols + 1, dtype=np.uint16)]).astype(np.uint32)
-    start = np.concatenate(lane_start)
-    end = np.concatenate(lane_end)
-    size = np.concatenate(lane_count)
-    table = np.concatenate(lane_table)
+        return None
     ntab = len(tables)
     freq = np.zeros((ntab, 256), dtype=np.uint32)
     cum = np.zeros((ntab, 256), dtype=np.uint32)
@@ -1134,31 +1226,24 @@ def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tenso
         freq[t, : f.size] = f
         cum[t, : f.size] = np.concatenate(([0], np.cumsum(f)[:-1]))
         slots[t] = np.repeat(np.arange(f.size, dtype=np.uint8), f)
-    # Flat tables indexed by (table << 8 | symbol) and (table << 12 | slot).
-    freq_flat, cum_flat, slot_flat = freq.reshape(-1), cum.reshape(-1), slots.reshape(-1)
-    sym_base = (table << 8).astype(np.int64)
-    slot_base = (table << RANS_PROB_BITS).astype(np.int64)
-    x = words[start] | (words[start + 1] << np.uint32(16))
-    pos = start + 2
-    longest = int(size.max())
-    result = np.zeros((longest, size.size), dtype=np.uint8)
-    for i in range(longest):
-        active = size > i
-        slot = (x & np.uint32(_RANS_MASK)).astype(np.int64)
-        s = slot_flat[slot_base + slot]
-        idx = sym_base + s
-        nx = freq_flat[idx] * (x >> np.uint32(RANS_PROB_BITS)) + slot.astype(np.uint32) - cum_flat[idx]
-        need = nx < np.uint32(RANS_LOW)
-        nx = np.where(need, (nx << np.uint32(16)) | words[np.minimum(pos, words.size - 1)], nx)
-        if not active.all():  # only the last chunk of a stream is shorter
-            nx = np.where(active, nx, x)
-            need &= active
-        x = nx
-        pos = pos + need
-        result[i] = s
-    if not ((x == RANS_LOW) & (pos == end)).all():
-        raise ValueError("a chunk's rANS code does not end where its chunk table says")
-    grid = result.T  # lane-major
+    size = np.concatenate(lane_count)
+    return RansLanes(
+        words=np.concatenate(word_parts),
+        start=np.concatenate(lane_start),
+        end=np.concatenate(lane_end),
+        size=size,
+        table=np.concatenate(lane_table),
+        freq=freq,
+        cum=cum,
+        slots=slots,
+        longest=int(size.max()),
+    )
+
+
+def rans_split_lanes(grid: np.ndarray, items: list[RansStream], chunk_symbols: int) -> list[torch.Tensor]:
+    """Each stream's symbols from the decoded lanes (``grid``: uint8, one row per lane,
+    :attr:`RansLanes.longest` wide)."""
+    out: list[torch.Tensor] = []
     lane = 0
     for it in items:
         nchunks = -(-it.numel // chunk_symbols)

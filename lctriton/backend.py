@@ -1,8 +1,12 @@
 """Dispatch of codec passes: CUDA tensors to the Triton kernels, others to the reference.
 
+On CPU the rANS coder's loops run compiled (``lctriton.kernels.rans_cpu``, byte for byte the
+reference's format) where a C compiler is present, and as the numpy reference elsewhere.
+
 ``LCTRITON_BACKEND`` forces a choice for debugging: ``reference`` runs the pure-torch
-reference everywhere (CUDA tensors included), ``triton`` requires the Triton kernels (under
-``TRITON_INTERPRET=1`` they run on CPU tensors too), ``auto`` (the default) picks by device.
+reference everywhere (CUDA tensors included, and the numpy rANS loops), ``triton`` requires
+the Triton kernels (under ``TRITON_INTERPRET=1`` they run on CPU tensors too), ``auto`` (the
+default) picks by device.
 """
 
 from __future__ import annotations
@@ -76,6 +80,15 @@ def choose(device: torch.device | str) -> ModuleType:
     return module
 
 
+def _cpu_rans() -> ModuleType:
+    """The rANS coder for the reference backend: compiled when it builds here, else numpy."""
+    if _forced() != "reference":
+        module = importlib.import_module("lctriton.kernels.rans_cpu")
+        if module.available():
+            return module
+    return reference
+
+
 def threads_allowed(device: torch.device | str) -> bool:
     """Whether tensors on ``device`` may be coded from several threads at once: true for the
     reference codec; Triton's CPU interpreter patches the language globally while it runs."""
@@ -119,14 +132,17 @@ def lq_reconstruct(symbols, representatives, base, scale, dtype):
 
 def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int):
     """rANS-code symbols on the backend of their device (see ``reference.rans_encode``)."""
-    return choose(symbols.device).rans_encode(symbols, freqs, chunk_symbols)
+    module = choose(symbols.device)
+    if module is reference:
+        module = _cpu_rans()
+    return module.rans_encode(symbols, freqs, chunk_symbols)
 
 
 def rans_decode(items: list[reference.RansStream], chunk_symbols: int, device: torch.device) -> list[torch.Tensor]:
     """Decode many rANS streams on ``device``'s backend (see ``reference.rans_decode``)."""
     module = choose(device)
     if module is reference:
-        return reference.rans_decode(items, chunk_symbols)
+        return _cpu_rans().rans_decode(items, chunk_symbols)
     return module.rans_decode(items, chunk_symbols, device)
 
 

@@ -1,7 +1,7 @@
 """The rANS coder: the reference's round trips, and its Triton twin byte for byte.
 
 The reference (``kernels/reference.py``, section "rANS") is checked on its own at real
-chunk sizes; the Triton launchers (``kernels/rans.py``) run in the CPU interpreter without
+chunk sizes, and so is its compiled CPU twin (``kernels/rans_cpu.py``); the Triton launchers (``kernels/rans.py``) run in the CPU interpreter without
 a GPU (tests/conftest.py sets TRITON_INTERPRET=1), where every step of a chunk costs
 milliseconds, so they are compared at chunks of 64 and 256 symbols. The ``gpu`` tests
 repeat the comparison at large sizes on CUDA.
@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lctriton.kernels import rans as tri
-from lctriton.kernels import reference, triton_codec
+from lctriton.kernels import rans_cpu, reference, triton_codec
 
-from lctriton import rans
+from lctriton import backend, rans
 
 TABLES = ["skewed", "flat16", "flat256", "random256", "peak4095"]
 #: Invalid tables: a wrong sum, too many entries, a single symbol, a negative entry, empty.
@@ -263,6 +263,163 @@ def test_tables_follow_from_frequencies():
     assert slots.dtype == np.uint8 and slots.size == rans.PROB_SCALE
     assert slots[:3].tolist() == [1, 1, 1] and (slots[3:] == 2).all()
     assert rans.PROB_BITS == reference.RANS_PROB_BITS and rans.STATE_LOW == reference.RANS_LOW
+
+
+# --------------------------------------------------------------------------- compiled CPU twin
+
+
+def _assert_compiled_equal(sym: torch.Tensor, f: np.ndarray, chunk: int) -> None:
+    """Encode byte for byte, decode symbol for symbol, and each decodes the other's stream."""
+    got = rans_cpu.rans_encode(sym, torch.from_numpy(f), chunk)
+    want = reference.rans_encode(sym, torch.from_numpy(f), chunk)
+    assert got[0].dtype == torch.int16 and got[1].dtype == torch.int64
+    assert torch.equal(got[1], want[1]), "chunk words"
+    assert torch.equal(got[0], want[0]), "stream words"
+    item = reference.RansStream(want[0], want[1], sym.numel(), f)
+    (decoded,) = rans_cpu.rans_decode([item], chunk)
+    assert decoded.dtype == torch.uint8 and torch.equal(decoded, sym.reshape(-1))
+
+
+def test_compiled_coder_builds_where_a_compiler_is():
+    if rans_cpu._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert rans_cpu.available()
+
+
+needs_compiled = pytest.mark.skipif(not rans_cpu.available(), reason="no C compiler to build the CPU coder")
+
+
+@needs_compiled
+@pytest.mark.parametrize("chunk", [64, 4096])
+@pytest.mark.parametrize("kind", TABLES)
+def test_compiled_matches_reference(chunk, kind):
+    rng = np.random.default_rng(chunk * 3 + len(kind))
+    f = _freqs(kind, rng)
+    for n in _sizes(chunk):
+        _assert_compiled_equal(_symbols(f, n, rng), f, chunk)
+
+
+@needs_compiled
+def test_compiled_matches_reference_large():
+    rng = np.random.default_rng(12)
+    f = _freqs("skewed", rng)
+    _assert_compiled_equal(_symbols(f, 1_000_003, rng), f, 4096)
+    _assert_compiled_equal(_symbols(f, 65536 * 3 + 5, rng), f, 65536)
+
+
+@needs_compiled
+@given(_coded())
+def test_compiled_matches_reference_property(case):
+    _assert_compiled_equal(*case)
+
+
+@needs_compiled
+def test_compiled_reads_any_shape_and_decodes_many_streams():
+    rng = np.random.default_rng(2)
+    f = _freqs("random256", rng)
+    _assert_compiled_equal(_symbols(f, 6 * 50, rng).reshape(6, 50).t(), f, 64)  # non-contiguous
+    items, symbols = [], []
+    for kind, n in [("skewed", 200), ("flat256", 0), ("random256", 64), ("peak4095", 1), ("flat16", 129)]:
+        f = _freqs(kind, rng)
+        sym = _symbols(f, n, rng)
+        items.append(_stream(sym, f, 64))
+        symbols.append(sym)
+    for got, want in zip(rans_cpu.rans_decode(items, 64), symbols, strict=True):
+        assert torch.equal(got, want)
+    empty = [_stream(torch.zeros(0, dtype=torch.uint8), f, 64)]
+    assert [t.numel() for t in rans_cpu.rans_decode(empty, 64)] == [0]
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", range(12))
+def test_compiled_rejects_corrupt_streams(case):
+    """Every corruption the reference reports, the compiled decoder reports alike."""
+    name, item = _corruptions(_corrupt_item())[case]
+    with pytest.raises(ValueError) as want:
+        reference.rans_decode([item], 64)
+    with pytest.raises(ValueError) as got:
+        rans_cpu.rans_decode([item], 64)
+    assert str(got.value) == str(want.value), name
+
+
+@needs_compiled
+@settings(max_examples=60)
+@given(_coded(), st.integers(0, 2**31 - 1), st.integers(1, 0xFFFF))
+def test_compiled_decoder_agrees_on_any_flipped_word(case, where, flip):
+    sym, f, chunk = case
+    item = _stream(sym, f, chunk)
+    if item.words.numel() == 0:
+        return
+    item.words[where % item.words.numel()] ^= flip - (1 << 16 if flip >= 1 << 15 else 0)
+    try:
+        (want,) = reference.rans_decode([item], chunk)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            rans_cpu.rans_decode([item], chunk)
+        return
+    assert torch.equal(rans_cpu.rans_decode([item], chunk)[0], want)
+
+
+@needs_compiled
+def test_compiled_validates_like_the_reference():
+    f = np.full(16, 256, dtype=np.int64)
+    sym = torch.arange(16, dtype=torch.uint8)
+    zero = f.copy()
+    zero[3], zero[4] = 0, 512
+    cases = [(sym, bad, 64) for bad in BAD_TABLES]
+    cases += [(torch.tensor([16], dtype=torch.uint8), f, 64), (sym, zero, 64), (sym, f, 100), (sym.long(), f, 64)]
+    for args in cases:
+        with pytest.raises((ValueError, TypeError)) as want:
+            reference.rans_encode(*args)
+        with pytest.raises(want.type, match=re.escape(str(want.value))):
+            rans_cpu.rans_encode(*args)
+
+
+@needs_compiled
+def test_backend_codes_cpu_streams_compiled_unless_reference_is_forced(monkeypatch):
+    rng = np.random.default_rng(8)
+    f = _freqs("skewed", rng)
+    sym = _symbols(f, 5000, rng)
+    calls = []
+    for name in ("rans_encode", "rans_decode"):
+        for module in (rans_cpu, reference):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _r=real, _m=module.__name__: calls.append(_m) or _r(*a))
+    words, counts = backend.rans_encode(sym, torch.from_numpy(f), 4096)
+    backend.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096, torch.device("cpu"))
+    assert calls == ["lctriton.kernels.rans_cpu"] * 2
+    calls.clear()
+    monkeypatch.setenv(backend.BACKEND_ENV, "reference")
+    backend.rans_encode(sym, torch.from_numpy(f), 4096)
+    backend.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096, torch.device("cpu"))
+    assert calls == ["lctriton.kernels.reference"] * 2
+
+
+def test_compiled_coder_builds_into_its_cache_and_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog):
+    if rans_cpu._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    rans_cpu._library.cache_clear()
+    try:
+        monkeypatch.setenv(rans_cpu.CACHE_ENV, str(tmp_path / "fresh"))
+        assert rans_cpu.available()
+        built = list((tmp_path / "fresh").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("rans_cpu-") and built[0].suffix == ".so"
+        rans_cpu._library.cache_clear()
+        monkeypatch.setenv(rans_cpu.CACHE_ENV, str(tmp_path / "broken"))
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails
+        with caplog.at_level("WARNING", logger=rans_cpu.__name__):
+            assert not rans_cpu.available()
+        assert "could not build the compiled rANS coder" in caplog.text
+        assert list((tmp_path / "broken").iterdir()) == []  # no half-written library left
+        with pytest.raises(RuntimeError, match="unavailable"):
+            rans_cpu.rans_encode(torch.zeros(4, dtype=torch.uint8), np.array([2048, 2048]), 64)
+        rng = np.random.default_rng(9)
+        f = _freqs("skewed", rng)
+        sym = _symbols(f, 300, rng)
+        words, counts = backend.rans_encode(sym, torch.from_numpy(f), 64)  # the numpy coder
+        assert torch.equal(words, reference.rans_encode(sym, f, 64)[0])
+    finally:
+        rans_cpu._library.cache_clear()
 
 
 # --------------------------------------------------------------------------- Triton twins

@@ -1,0 +1,114 @@
+/* The rANS coder's chunk loops for CPU cores, compiled on first use by lctriton.kernels.rans_cpu.
+ *
+ * Same format, byte for byte, as lctriton.kernels.reference.rans_encode / rans_decode (the
+ * specification; its docstring states the coder) and the Triton kernels in kernels/rans.py:
+ * 12-bit frequencies, a 32-bit state in [2**16, 2**32), 16-bit words, one independent chunk
+ * per lane. Argument checks (tables, chunk sizes, chunk tables) stay in Python; these loops
+ * only trust what the caller has validated and never read or write outside the buffers the
+ * caller sized.
+ *
+ * Unsigned 32-bit arithmetic wraps exactly as the reference's numpy uint32 does, so a
+ * corrupt stream decodes to the same state and is rejected by the same final check.
+ */
+#include <stdint.h>
+
+#define PROB_BITS 12
+#define SLOT_MASK ((1u << PROB_BITS) - 1u)
+#define RANS_LOW (1u << 16)
+
+/* Encode `numel` symbols in chunks of `chunk` (the last one shorter).
+ *
+ * freq, cum: 256 entries each. out: room for numel + 2 * nchunks words. counts: one entry
+ * per chunk. scratch: room for `chunk` words.
+ *
+ * Returns the number of words written, or -1 if a symbol has frequency 0 (out is then
+ * undefined).
+ */
+int64_t lct_rans_encode(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
+                        const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
+{
+    /* x / f without a division (a division costs several times the rest of a step): for
+     * 0 <= x < 2**32 and 1 <= f <= 2**12, with l = ceil(log2 f) and
+     * m = floor(2**(32 + l) / f) + 1, x / f == (x * m) >> (32 + l) (Granlund and Montgomery,
+     * 1994); m has 33 bits, so the product takes 128. */
+    uint64_t magic[256];
+    unsigned shift[256];
+    for (int s = 0; s < 256; s++) {
+        unsigned l = 0;
+        while (l < 12 && (1u << l) < freq[s])
+            l++;
+        shift[s] = 32 + l;
+        magic[s] = freq[s] ? ((uint64_t)1 << shift[s]) / freq[s] + 1 : 0;
+    }
+    int64_t total = 0;
+    int64_t nchunks = (numel + chunk - 1) / chunk;
+    for (int64_t k = 0; k < nchunks; k++) {
+        const uint8_t *s = sym + k * chunk;
+        int64_t len = (k == nchunks - 1) ? numel - k * chunk : chunk;
+        uint32_t x = RANS_LOW;
+        int64_t emitted = 0;
+        for (int64_t i = len - 1; i >= 0; i--) {
+            uint32_t f = freq[s[i]];
+            if (f == 0)
+                return -1;
+            /* f <= 4095, so f << 20 < 2**32; after the test x < f << 20, so the new state
+             * ((x / f) << 12) + x % f + c stays below 2**32. */
+            if (x >= (f << 20)) {
+                scratch[emitted++] = (uint16_t)x;
+                x >>= 16;
+            }
+            uint32_t q = (uint32_t)(((unsigned __int128)x * magic[s[i]]) >> shift[s[i]]);
+            x = (q << PROB_BITS) + (x - q * f) + cum[s[i]];
+        }
+        /* The final state (low half first), then the words in the decoder's reading order:
+         * the reverse of their emission. */
+        uint16_t *o = out + total;
+        o[0] = (uint16_t)x;
+        o[1] = (uint16_t)(x >> 16);
+        for (int64_t j = 0; j < emitted; j++)
+            o[2 + j] = scratch[emitted - 1 - j];
+        counts[k] = emitted + 2;
+        total += emitted + 2;
+    }
+    return total;
+}
+
+/* Decode `nlanes` chunks, each its own lane.
+ *
+ * words: the streams' words laid end to end (nwords of them); a read past nwords gives 0,
+ * as the reference's zero padding does. Lane l starts at word start[l], must end at word
+ * end[l], decodes size[l] symbols with table table[l] (freq and cum: 256 entries per table;
+ * slots: 4096 per table) into out + l * stride.
+ *
+ * Returns 0 when every lane ended with all its words read and its state back at 2**16,
+ * else 1 (a corrupt or truncated stream).
+ */
+int lct_rans_decode(const uint16_t *words, int64_t nwords, int64_t nlanes, const int64_t *start,
+                    const int64_t *end, const int64_t *size, const int64_t *table,
+                    const uint32_t *freq, const uint32_t *cum, const uint8_t *slots, uint8_t *out,
+                    int64_t stride)
+{
+    int bad = 0;
+    for (int64_t l = 0; l < nlanes; l++) {
+        const uint32_t *f = freq + (table[l] << 8);
+        const uint32_t *c = cum + (table[l] << 8);
+        const uint8_t *slot_symbol = slots + (table[l] << PROB_BITS);
+        uint8_t *o = out + l * stride;
+        int64_t pos = start[l];
+        uint32_t x = (uint32_t)words[pos] | ((uint32_t)words[pos + 1] << 16);
+        pos += 2;
+        for (int64_t i = 0; i < size[l]; i++) {
+            uint32_t slot = x & SLOT_MASK;
+            uint8_t s = slot_symbol[slot];
+            x = f[s] * (x >> PROB_BITS) + slot - c[s];
+            if (x < RANS_LOW) {
+                x = (x << 16) | (pos < nwords ? (uint32_t)words[pos] : 0u);
+                pos++;
+            }
+            o[i] = s;
+        }
+        if (x != RANS_LOW || pos != end[l])
+            bad = 1;
+    }
+    return bad;
+}
