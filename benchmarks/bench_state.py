@@ -38,6 +38,8 @@ SETTINGS = [
     ("bits2-predict", {"bits": 2, "moments": "predict"}),
     ("bits3-predict", {"moments": "predict"}),
     ("bits3-p0", {"moment_precision": 0}),
+    ("first-predict", {"first_moment": "predict"}),
+    ("first-predict-p1", {"first_moment": "predict", "moment_precision": 1}),
     ("huffman-lossy-moments", {"coder": "huffman", "moments": "lossy"}),
 ]
 

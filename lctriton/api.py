@@ -390,7 +390,7 @@ def _describe(container: fmt.Container) -> dict[str, Any]:
     index = container.index
     shapes = pipeline.validate_index(index)
     tensors = []
-    for rec, (dtype, shape, numel) in zip(index["tensors"], shapes):
+    for rec, (dtype, shape, numel) in zip(index["tensors"], shapes, strict=True):
         raw = numel * torch.empty(0, dtype=dtype).element_size()
         stored = index["sections"][rec["section"]][1]
         tensors.append(

@@ -413,6 +413,102 @@ def plan_log_buckets(histogram: np.ndarray, precision: int) -> BucketPlan:
     return BucketPlan(key_to_symbol, representatives, np.array(symbol_counts, dtype=np.int64), math.ldexp(1.0, -precision))
 
 
+#: Elements an lq/1 scale is chosen on (a strided sample): three significant digits, and a
+#: transfer from a GPU of half a megabyte at most.
+SCALE_SAMPLE = 1 << 16
+
+
+def _scale_sample(tensor: torch.Tensor, base: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Elements ``0, s, 2s, ...`` (``s = ceil(numel / SCALE_SAMPLE)``) of both, as float64,
+    where both are finite."""
+    stride = max(1, -(-tensor.numel() // SCALE_SAMPLE))
+    xs = tensor.detach().reshape(-1)[::stride].cpu().numpy().astype(np.float64)
+    bs = base.detach().reshape(-1)[::stride].cpu().numpy().astype(np.float64)
+    finite = np.isfinite(xs) & np.isfinite(bs)
+    return xs[finite], bs[finite]
+
+
+def _median_ratio(xs: np.ndarray, bs: np.ndarray) -> float | None:
+    """The median of ``x / b`` where both are nonzero and of one sign; None if there is none."""
+    same = (xs * bs) > 0
+    return float(np.median(xs[same] / bs[same])) if same.any() else None
+
+
+def _valid_scale(fit: float | None, fallback: float) -> float:
+    """``fit`` as a float32 value, or ``fallback`` where it is not positive and finite (the
+    format's scale is)."""
+    if fit is None or not 0.0 < float(np.float32(fit)) < math.inf:
+        fit = fallback
+    return float(np.float32(fit))
+
+
+def fit_prediction_scale(tensor: torch.Tensor, base: torch.Tensor, fallback: float) -> float:
+    """The one factor ``c`` for which ``c * base`` best restores ``tensor`` with no values stored.
+
+    Signed tensors (first moments) take the least-squares factor, ``sum(x * b) / sum(b * b)``;
+    non-negative ones (second moments, whose error matters relative to the value) the median
+    of ``x / b`` over elements where both are positive, which minimizes the mean absolute
+    error of the logarithm. Both are fitted on a strided sample of at most
+    :data:`SCALE_SAMPLE` elements with exact sums (products of float32 values are exact in
+    float64, and ``math.fsum`` rounds once), so every backend picks the same factor bit for bit.
+
+    Args:
+        tensor: The values to restore.
+        base: The base of the same shape.
+        fallback: The factor where the sample says nothing (an all-zero base, say) or the fit
+            is not a positive float32 (``lq/1``'s scale is positive): the decay.
+
+    Returns:
+        The factor, as a float32 value.
+    """
+    xs, bs = _scale_sample(tensor, base)
+    if (xs < 0).any() or (bs < 0).any():
+        energy = math.fsum(bs * bs)
+        return _valid_scale(math.fsum(xs * bs) / energy if energy > 0 else None, fallback)
+    return _valid_scale(_median_ratio(xs, bs), fallback)
+
+
+def _bins(values: np.ndarray, precision: int) -> np.ndarray:
+    """The lq/1 bin of float32 values before rare bins are merged: sign, exponent and the top
+    ``precision`` mantissa bits."""
+    return values.astype(np.float32).view(np.uint32) >> np.uint32(23 - precision)
+
+
+def choose_log_scale(tensor: torch.Tensor, base: torch.Tensor, decay: float, precision: int) -> float:
+    """The scale of an ``lq/1`` prediction: ``decay``, or, for a non-negative tensor (a second
+    moment), the median ratio of the values to their base where that puts more sampled
+    elements in their own bin.
+
+    The decay is exact for elements whose parameter had no gradient and right on average
+    once a second moment has settled; early in training a second moment grows instead
+    (MiniLM 60 steps into fine-tuning: a median ratio of 1.33 over 20 steps against a decay
+    of 0.98), and the median ratio predicts more of it. The choice is made on
+    :data:`SCALE_SAMPLE` strided elements with float32 arithmetic, the same bits on every
+    backend; ties keep the decay.
+
+    Args:
+        tensor: The values.
+        base: Their base.
+        decay: The optimizer's decay over the steps between the two (1.0 when unknown).
+        precision: The bins' mantissa bits.
+
+    Returns:
+        The scale, as a float32 value.
+    """
+    decay = float(np.float32(decay))
+    xs, bs = _scale_sample(tensor, base)
+    if (xs < 0).any() or (bs < 0).any():
+        return decay  # a first moment: measured, the ratio predicts no better than the decay
+    ratio = _valid_scale(_median_ratio(xs, bs), decay)
+    if ratio == decay:
+        return decay
+    x32, b32 = xs.astype(np.float32), bs.astype(np.float32)
+    want = _bins(x32, precision)
+    with np.errstate(over="ignore"):
+        hits = [int((_bins(b32 * np.float32(c), precision) == want).sum()) for c in (decay, ratio)]
+    return ratio if hits[1] > hits[0] else decay
+
+
 def encode_lq(
     tensor: torch.Tensor,
     base: torch.Tensor | None,
@@ -426,11 +522,14 @@ def encode_lq(
     Args:
         tensor: The tensor.
         base: Its base (the previous reconstruction), or None.
-        scale: Factor the base is multiplied by to predict the tensor (a decay; 1.0 keeps it).
+        scale: The optimizer's decay of the base over the steps in between (1.0 keeps it):
+            the scale, unless :func:`choose_log_scale` finds a better one (or, for
+            ``predict_only``, :func:`fit_prediction_scale`).
         precision: Mantissa bits per bin (``2**precision`` bins per octave).
         chunk_symbols: Symbols per rANS chunk.
         predict_only: Store no values: every element restores to the prediction (needs a
-            base). The tensor is then a fill of symbol 0 and costs only its record.
+            base), with ``scale`` replaced by :func:`fit_prediction_scale`'s factor (``scale``
+            is its fallback). The tensor is then a fill of symbol 0 and costs only its record.
 
     Returns:
         The encoded tensor with its reconstruction.
@@ -444,6 +543,7 @@ def encode_lq(
     if predict_only:
         if b is None:
             raise ValueError("predict_only needs a base")
+        scale = fit_prediction_scale(x, b, scale)
         # Every element is symbol 0: the prediction. Symbol 0's value is never read.
         reps = np.zeros(1, np.float32)
         bound = None
@@ -454,6 +554,8 @@ def encode_lq(
         nonfinite = not bool(torch.isfinite(recon).all()) or not bool(torch.isfinite(x).all())
         counts = np.array([x.numel()], dtype=np.int64)
     else:
+        if b is not None:
+            scale = choose_log_scale(x, b, scale, precision)
         hist = backend.lc_histogram(x, None).cpu().numpy()
         plan = plan_log_buckets(hist, precision)
         reps, bound = plan.representatives, plan.error_bound

@@ -8,6 +8,7 @@ call that passed it, with a message naming it.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "ActivationConfig",
     "DEFAULT_EXACT_PATTERNS",
     "MOMENT_PATTERNS",
+    "FIRST_MOMENT_PATTERNS",
     "MOMENT_MODES",
     "CODERS",
     "ROUNDINGS",
@@ -37,6 +39,10 @@ MOMENT_PATTERNS: tuple[str, ...] = (
     "*.momentum_buffer",
     "*.square_avg",
 )
+
+#: The moments among :data:`MOMENT_PATTERNS` that average gradients themselves (Adam's first
+#: moment, SGD's momentum): ``first_moment`` decides how they are coded.
+FIRST_MOMENT_PATTERNS: tuple[str, ...] = ("*.exp_avg", "*.momentum_buffer")
 
 #: How optimizer moments are coded in delta checkpoints.
 MOMENT_MODES = ("log", "predict", "lossy", "exact")
@@ -88,10 +94,20 @@ class CodecOptions:
             ``"log"`` quantizes them in the log domain against the base decayed by the
             optimizer's betas over the steps between the checkpoints (``lq/1``: relative
             error bounded by the bin width, so no second moment collapses to zero);
-            ``"predict"`` stores no values and restores that decayed base; ``"lossy"``
+            ``"predict"`` stores no values and restores the base times the one factor per
+            tensor that fits the new values best (least squares for signed moments, the
+            median ratio for non-negative ones; the decay where the base holds no
+            information); ``"lossy"``
             codes them like weights (absolute error: small second moments become zero,
             which can blow up Adam's first update after a restore); ``"exact"`` stores them
             losslessly. Key checkpoints follow ``lossless_key``.
+        first_moment: How first moments (:data:`FIRST_MOMENT_PATTERNS`: Adam's ``exp_avg``,
+            SGD's ``momentum_buffer``) are coded, one of the ``moments`` modes; None (default)
+            codes them as ``moments`` says. A first moment forgets the old gradients within
+            about ``1 / (1 - beta1)`` steps of a resumed run (10 for Adam's default), a second
+            moment within ``1 / (1 - beta2)`` (1000), so the first is the one to code cheaply:
+            ``first_moment="predict"`` with the default ``moments="log"`` removes most of the
+            optimizer state's bytes.
         moment_precision: Mantissa bits of an ``lq/1`` bin: ``2**moment_precision`` bins per
             octave, relative error up to ``2**-moment_precision``. 0 to 4; default 2, the
             coarsest that kept the final loss within 2% of an uninterrupted run after
@@ -108,6 +124,7 @@ class CodecOptions:
     chunk_symbols: int = 4096
     coder: str = "auto"
     moments: str = "log"
+    first_moment: str | None = None
     moment_precision: int = 2
     code_exact: bool = True
 
@@ -130,9 +147,19 @@ class CodecOptions:
             raise ValueError(f"coder must be one of {', '.join(CODERS)}, got {self.coder!r}")
         if self.moments not in MOMENT_MODES:
             raise ValueError(f"moments must be one of {', '.join(MOMENT_MODES)}, got {self.moments!r}")
+        if self.first_moment is not None and self.first_moment not in MOMENT_MODES:
+            raise ValueError(
+                f"first_moment must be None or one of {', '.join(MOMENT_MODES)}, got {self.first_moment!r}"
+            )
         p = self.moment_precision
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 4:
             raise ValueError(f"moment_precision must be an int from 0 to 4, got {p!r}")
+
+    def moment_mode(self, name: str) -> str:
+        """The ``moments`` mode of the optimizer moment named ``name`` (dotted path)."""
+        if self.first_moment is not None and any(fnmatch.fnmatchcase(name, p) for p in FIRST_MOMENT_PATTERNS):
+            return self.first_moment
+        return self.moments
 
     @property
     def exact_patterns(self) -> tuple[str, ...]:

@@ -372,7 +372,7 @@ def minilm_docstrings(
         info={
             "dataset": "stdlib docstrings",
             "modules": list(modules),
-            "examples_per_module": dict(zip(modules, counts)),
+            "examples_per_module": dict(zip(modules, counts, strict=True)),
             "classes": num_classes,
             "max_length": max_length,
             "model_dir": str(model_dir),
@@ -417,7 +417,7 @@ def _cached_docstrings(modules: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
         for text in texts:
             owners.setdefault(text, set()).add(label)
     pairs = []
-    for label, (name, texts) in enumerate(zip(modules, per_module)):
+    for label, (name, texts) in enumerate(zip(modules, per_module, strict=True)):
         kept = [text for text in texts if len(owners[text]) == 1]
         if not kept:
             raise ValueError(f"module {name!r} has no usable docstrings")

@@ -395,8 +395,9 @@ def encode_states(
         if b is not None and (b.shape != tensor.shape or b.dtype != tensor.dtype):
             logger.info("base tensor %r differs in shape or dtype; storing a key for it", name)
             b = None
-        moment = _is_moment(name) and options.moments != "lossy"
-        exact = _is_exact(name, tensor, options) or (moment and options.moments == "exact")
+        mode = options.moment_mode(name) if _is_moment(name) else None
+        moment = mode is not None and mode != "lossy"
+        exact = _is_exact(name, tensor, options) or mode == "exact"
         if not exact and b is None and options.lossless_key:
             exact = True
         if exact:
@@ -406,7 +407,7 @@ def encode_states(
         if moment:
             encoded = codecs.encode_lq(
                 tensor, b, decays[k].get(name, 1.0), options.moment_precision, options.chunk_symbols,
-                predict_only=options.moments == "predict" and b is not None,
+                predict_only=mode == "predict" and b is not None,
             )
         else:
             encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols, options.coder)
@@ -711,8 +712,8 @@ def _decode_rans(rans_items, records, finishers) -> list[torch.Tensor]:
 
     symbols: list[torch.Tensor | None] = [None] * len(rans_items)
     with ThreadPoolExecutor(len(work)) if len(work) > 1 else _Inline() as pool:
-        for (_, _, members), outs in zip(work, pool.map(decode_group, work)):
-            for k, out in zip(members, outs):
+        for (_, _, members), outs in zip(work, pool.map(decode_group, work), strict=True):
+            for k, out in zip(members, outs, strict=True):
                 symbols[k] = out
     return symbols  # type: ignore[return-value]
 
@@ -761,7 +762,7 @@ def decode_state(
         )
         return len(rans_items) - 1
 
-    for i, (rec, (dtype, shape, numel)) in enumerate(zip(records, shapes)):
+    for i, (rec, (dtype, shape, numel)) in enumerate(zip(records, shapes, strict=True)):
         name = rec["name"]
         view = container.section(rec["section"])
         layout = codecs.payload_layout(rec, numel)
@@ -853,8 +854,8 @@ def decode_state(
                 raise FormatError(f"corrupt stream among tensors {names}: {exc}") from None
 
         with ThreadPoolExecutor(len(work)) if len(work) > 1 else _Inline() as pool:
-            for (_, _, entries), outs in zip(work, pool.map(decode_group, work)):
-                for (i, _, exc_index, exc_values), out in zip(entries, outs):
+            for (_, _, entries), outs in zip(work, pool.map(decode_group, work), strict=True):
+                for (i, _, exc_index, exc_values), out in zip(entries, outs, strict=True):
                     dtype = shapes[i][0]
                     _apply_exceptions(out, exc_index, exc_values, dtype)
                     finished(i, out)

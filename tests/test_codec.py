@@ -433,6 +433,8 @@ def test_bad_new_options_are_rejected():
         lctriton.compress({"w": torch.ones(3)}, moments="drop")
     with pytest.raises(ValueError, match="moment_precision"):
         lctriton.compress({"w": torch.ones(3)}, moment_precision=9)
+    with pytest.raises(ValueError, match="first_moment must be None or one of log, predict, lossy, exact"):
+        lctriton.compress({"w": torch.ones(3)}, first_moment="zero")
     with pytest.raises(TypeError, match="code_exact"):
         lctriton.compress({"w": torch.ones(3)}, code_exact="yes")
 
@@ -514,6 +516,11 @@ def test_log_quantization_error_is_relative(precision):
     assert rel <= 2.0 ** -precision * 1.0001
 
 
+def _record_scale(c, name: str) -> np.float32:
+    rec = next(r for r in c.index["tensors"] if r["name"] == name)
+    return np.uint32(rec["scale"]).view(np.float32)
+
+
 def test_predicted_moments_cost_only_their_records():
     first, second = _adam_states()
     _, base = lctriton.compress(first, return_reconstruction=True)
@@ -522,8 +529,82 @@ def test_predicted_moments_cost_only_their_records():
         if rec["name"].startswith("optimizer.state.0.exp_avg"):  # the embedding's moments
             assert rec["codec"] == codecs.LQ and rec["fill"] == 0 and rec["words"] == 0
     restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
-    decayed = base["optimizer"]["state"][0]["exp_avg_sq"] * np.float32(0.999**3)
-    assert_bit_exact(restored["exp_avg_sq"], decayed)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        name = f"optimizer.state.0.{moment}"
+        scale = _record_scale(c, name)
+        want = codecs.fit_prediction_scale(second["optimizer"]["state"][0][moment], base["optimizer"]["state"][0][moment], 1.0)
+        assert scale == np.float32(want)
+        assert_bit_exact(restored[moment], base["optimizer"]["state"][0][moment] * scale)
+
+
+def test_fitted_prediction_beats_the_decay():
+    """Rows looked up for the first time grow the second moment far past its decayed base, and
+    the first moment keeps part of its direction: both fitted factors restore closer."""
+    first, second = _adam_states(steps_between=10)
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c = lctriton.compress(second, base=base, moments="predict")
+    restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
+    true, old = second["optimizer"]["state"][0], base["optimizer"]["state"][0]
+    m_err = (restored["exp_avg"] - true["exp_avg"]).norm()
+    assert m_err < (old["exp_avg"] * 0.9**10 - true["exp_avg"]).norm()
+    both = (true["exp_avg_sq"] > 0) & (old["exp_avg_sq"] > 0)
+    log_err = (restored["exp_avg_sq"][both] / true["exp_avg_sq"][both]).log().abs().mean()
+    assert log_err < (old["exp_avg_sq"][both] * 0.999**10 / true["exp_avg_sq"][both]).log().abs().mean()
+
+
+def test_fit_prediction_scale():
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(200_000, generator=g)
+    x = b * 0.25 + torch.randn(200_000, generator=g) * 0.01
+    assert codecs.fit_prediction_scale(x, b, 1.0) == pytest.approx(0.25, rel=1e-3)  # least squares
+    assert codecs.fit_prediction_scale(-x, b, 0.5) == 0.5  # never a negative factor: the fallback
+    v = b.abs()
+    w = v * torch.where(torch.rand(200_000, generator=g) < 0.7, 3.0, 0.5)
+    assert codecs.fit_prediction_scale(w, v, 1.0) == 3.0  # the median ratio
+    w[::7] = float("nan")
+    assert codecs.fit_prediction_scale(w, v, 1.0) == 3.0  # non-finite elements are skipped
+    assert codecs.fit_prediction_scale(w, torch.zeros_like(v), 0.5) == 0.5  # nothing to fit
+    assert codecs.fit_prediction_scale(x, torch.zeros_like(b), 0.5) == 0.5
+    # Exact sums over a strided sample: any layout of the same values gives the same bits.
+    assert codecs.fit_prediction_scale(x.reshape(400, 500).t().contiguous().t(), b.reshape(400, 500), 1.0) == (
+        codecs.fit_prediction_scale(x, b, 1.0)
+    )
+
+
+def test_log_scale_follows_a_growing_second_moment():
+    g = torch.Generator().manual_seed(5)
+    v = torch.rand(100_000, generator=g) ** 4 + 1e-12
+    grown = v * 1.4 * (1 + 0.05 * torch.randn(100_000, generator=g)).abs()
+    median = np.median(grown.double().numpy()[::2] / v.double().numpy()[::2])  # the strided sample
+    assert codecs.choose_log_scale(grown, v, 0.98, 2) == np.float32(median)
+    decayed = v * np.float32(0.98)
+    decayed[::10] *= 3  # a tenth had a gradient
+    assert codecs.choose_log_scale(decayed, v, 0.98, 2) == np.float32(0.98)  # ties and losses keep the decay
+    assert codecs.choose_log_scale(grown, torch.zeros_like(v), 0.98, 2) == np.float32(0.98)
+    # The fitted scale is what the record holds, and it cuts the stream.
+    fitted = codecs.encode_lq(grown, v, 0.98, 2, 4096)
+    assert np.uint32(fitted.record["scale"]).view(np.float32) == codecs.choose_log_scale(grown, v, 0.98, 2)
+    plain = codecs.encode_lq(grown, v * 0, 0.98, 2, 4096)  # nothing to predict from
+    assert fitted.nbytes < plain.nbytes
+
+
+@pytest.mark.parametrize("mode", ["predict", "exact", "lossy"])
+def test_first_moment_mode_applies_to_first_moments_only(mode):
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c = lctriton.compress(second, base=base, first_moment=mode)
+    codec = {r["name"]: r for r in c.index["tensors"]}
+    m, v = codec["optimizer.state.0.exp_avg"], codec["optimizer.state.0.exp_avg_sq"]
+    assert v["codec"] == codecs.LQ and v["words"] > 0  # the second moment as moments="log" codes it
+    want = {"predict": codecs.LQ, "exact": codecs.BP, "lossy": codecs.LC2}[mode]
+    assert m["codec"] in ((codecs.LC, codecs.LC2) if mode == "lossy" else (want,))
+    if mode == "predict":
+        assert m["words"] == 0 and m["fill"] == 0
+    restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
+    if mode == "exact":
+        assert_bit_exact(restored["exp_avg"], second["optimizer"]["state"][0]["exp_avg"])
+    same = lctriton.compress(second, base=base)
+    assert_bit_exact(restored["exp_avg_sq"], lctriton.decompress(same, base=base)["optimizer"]["state"][0]["exp_avg_sq"])
 
 
 @pytest.mark.parametrize(

@@ -734,7 +734,7 @@ def _restore(
 
     total: np.ndarray | None = None
     layout = ""
-    for path, delta in zip(paths, _load_deltas(paths, workers)):
+    for path, delta in zip(paths, _load_deltas(paths, workers), strict=True):
         flat = delta.reshape(-1)
         if total is None:
             layout = _layout(state, flat.size, path)
