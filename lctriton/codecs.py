@@ -422,8 +422,9 @@ def _scale_sample(tensor: torch.Tensor, base: torch.Tensor) -> tuple[np.ndarray,
     """Elements ``0, s, 2s, ...`` (``s = ceil(numel / SCALE_SAMPLE)``) of both, as float64,
     where both are finite."""
     stride = max(1, -(-tensor.numel() // SCALE_SAMPLE))
-    xs = tensor.detach().reshape(-1)[::stride].cpu().numpy().astype(np.float64)
-    bs = base.detach().reshape(-1)[::stride].cpu().numpy().astype(np.float64)
+    # float64 holds every float dtype exactly (numpy has no bfloat16).
+    xs = tensor.detach().reshape(-1)[::stride].to(torch.float64).cpu().numpy()
+    bs = base.detach().reshape(-1)[::stride].to(torch.float64).cpu().numpy()
     finite = np.isfinite(xs) & np.isfinite(bs)
     return xs[finite], bs[finite]
 

@@ -588,6 +588,24 @@ def test_log_scale_follows_a_growing_second_moment():
     assert fitted.nbytes < plain.nbytes
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("moments", ["log", "predict"])
+def test_moments_in_any_float_dtype(dtype, moments):
+    def moments_as_dtype(state):
+        opt = state["optimizer"]
+        moments = {pid: {k: v.to(dtype) if k.startswith("exp_avg") else v for k, v in st.items()}
+                   for pid, st in opt["state"].items()}
+        return {"optimizer": {**opt, "state": moments}}
+
+    first, second = map(moments_as_dtype, _adam_states(steps_between=4))
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c, recon = lctriton.compress(second, base=base, moments=moments, return_reconstruction=True)
+    restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert restored[k].dtype == dtype
+        assert_bit_exact(restored[k], recon["optimizer"]["state"][0][k])
+
+
 @pytest.mark.parametrize("mode", ["predict", "exact", "lossy"])
 def test_first_moment_mode_applies_to_first_moments_only(mode):
     first, second = _adam_states()
