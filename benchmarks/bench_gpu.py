@@ -5,8 +5,9 @@ times with ``triton.testing.do_bench``:
 
 * the device's copy bandwidth (``dst.copy_(src)`` on the same bytes), the roofline;
 * pass 1 alone (reads x and base: 8 bytes per element);
-* compress end to end (pass 1, host tables, pass 2, stream packing);
-* decompress end to end (decode, dequantize, add the base);
+* compress end to end (pass 1, host tables, pass 2, stream packing) and decompress end to
+  end (decode, dequantize, add the base), each with the default coder choice and with
+  Huffman (``lc/1``) and rANS (``lc/2``) forced;
 * the rANS coder's launchers alone (``lctriton.kernels.rans``) on
   ``LCTRITON_GPU_BENCH_RANS_NUMEL`` uint8 symbols (default: as many as elements) drawn from a
   skewed 16-symbol distribution, in chunks of 4096: encode (coder, prefix sum, compaction)
@@ -85,25 +86,32 @@ def test_gpu_pass1_histogram(benchmark, data):
     _record(benchmark, ms, NUMEL * 8, copy)
 
 
+#: Coders of the end-to-end runs: the default choice against each coder forced, so the rANS
+#: path's cost next to the Huffman path's is read from one run.
+CODERS = ["auto", "huffman", "rans"]
+
+
 @pytest.mark.benchmark(group="gpu")
-def test_gpu_compress_end_to_end(benchmark, data):
+@pytest.mark.parametrize("coder", CODERS)
+def test_gpu_compress_end_to_end(benchmark, data, coder):
     x, base = data
     copy = _copy_bandwidth(NUMEL * 4)
 
     def run():
-        return lctriton.compress({"w": x}, base={"w": base})
+        return lctriton.compress({"w": x}, base={"w": base}, coder=coder)
 
     ms = _do_bench(run)
     c = benchmark.pedantic(run, rounds=3, iterations=1)
     _record(benchmark, ms, NUMEL * 4, copy)
-    benchmark.extra_info["ratio"] = c.ratio
+    benchmark.extra_info.update(ratio=c.ratio, coder=coder, codec=c.index["tensors"][0]["codec"])
 
 
 @pytest.mark.benchmark(group="gpu")
-def test_gpu_decompress_end_to_end(benchmark, data):
+@pytest.mark.parametrize("coder", CODERS)
+def test_gpu_decompress_end_to_end(benchmark, data, coder):
     x, base = data
     copy = _copy_bandwidth(NUMEL * 4)
-    blob = lctriton.compress({"w": x}, base={"w": base}).to_bytes()
+    blob = lctriton.compress({"w": x}, base={"w": base}, coder=coder).to_bytes()
     compressed = lctriton.Compressed.from_bytes(blob)
 
     def run():
@@ -112,6 +120,7 @@ def test_gpu_decompress_end_to_end(benchmark, data):
     ms = _do_bench(run)
     benchmark.pedantic(run, rounds=3, iterations=1)
     _record(benchmark, ms, NUMEL * 4, copy)
+    benchmark.extra_info.update(coder=coder, codec=compressed.index["tensors"][0]["codec"])
 
 
 @pytest.mark.benchmark(group="gpu")
