@@ -22,8 +22,11 @@ lossless setting must reproduce the reference bit for bit: that is the harness's
 Training is chaotic, so any perturbation moves the final metrics by chance. Noise-floor
 controls (``--controls``) rerun the reference with the weights perturbed by one part in a
 million at the restore steps and no checkpoints: differences within their range say nothing
-about the codec. On a shared machine, ``--threads 1`` keeps torch's threads from spin-waiting
-for each other, which can make a step ten times slower.
+about the codec. A single seed is one draw of that chaos (on the digits CNN a control moved
+the final loss by 2%, and so does a change of the thread count): run the sweep with several
+``--seed`` values and read the range with ``--summarize``. On a shared machine,
+``--threads 1`` keeps torch's threads from spin-waiting for each other, which can make a step
+ten times slower.
 
 Usage::
 
@@ -31,6 +34,7 @@ Usage::
     python3 benchmarks/fidelity.py --workload minilm --threads 1 --out fidelity-minilm-cpu
     python3 benchmarks/fidelity.py --workload minilm --settings '[{"bits": 3, "key_every": 20}]'
     python3 benchmarks/fidelity.py --plot benchmarks/results/fidelity-*-cpu.json --out fidelity-cpu
+    python3 benchmarks/fidelity.py --summarize benchmarks/results/fidelity-digits-first-moment-seed*-cpu.json
 
 Settings are dicts of ``CheckpointManager`` options passed through unchanged (codec options
 such as ``bits`` or ``lossless`` and manager options such as ``key_every``), so options the
@@ -76,6 +80,7 @@ __all__ = [
     "plot",
     "restore_steps",
     "setting_label",
+    "summarize",
     "sweep",
 ]
 
@@ -1132,6 +1137,47 @@ def _table(record: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarize(records: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of several records (seeds) of one sweep: per setting, the range over
+    the records of the whole state's delta ratio, the accuracy and loss differences and the
+    late training loss difference; then the same differences for the noise-floor controls.
+
+    A single record's loss difference can be noise: on the digits CNN one control (weights
+    perturbed by 1e-6) moved the final loss by 2%, so a setting is read against the spread
+    of the others and of the controls over several seeds.
+    """
+    if not records:
+        raise ValueError("summarize needs at least one record")
+    seeds = [r.get("config", {}).get("seed") for r in records]
+    rows: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        for run in record["settings"]:
+            rows.setdefault(run["label"], []).append(run)
+    controls = [c for record in records for c in record.get("controls", [])]
+
+    def span(values: Sequence[float | None], spec: str) -> str:
+        got = [v for v in values if v is not None]
+        if not got:
+            return "-"
+        low, high = format(min(got), spec), format(max(got), spec)
+        return low if low == high else f"{low} .. {high}"
+
+    lines = [
+        f"{records[0]['workload']['name']}, seeds {', '.join(str(s) for s in seeds)}: range over the seeds",
+        "",
+        "| setting | runs | delta ratio: state | acc diff (points) | loss diff (%) | train loss diff, last 10% (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, runs in list(rows.items()) + ([("noise-floor controls", controls)] if controls else []):
+        ratio = span([r["ratio"]["delta"]["state"] for r in runs if "ratio" in r], ".1f")
+        lines.append(
+            f"| {label} | {len(runs)} | {ratio} | {span([r['acc_diff_points'] for r in runs], '+.2f')} "
+            f"| {span([r['loss_diff_rel_pct'] for r in runs], '+.2f')} "
+            f"| {span([r.get('train_loss_tail_diff_rel_pct') for r in runs], '+.1f')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run a sweep (or only plot saved records) and write JSON and PNG."""
     parser = argparse.ArgumentParser(
@@ -1186,6 +1232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="JSON",
         help="only plot these saved records together into <out>.png",
     )
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        help="only print the range over these saved records (seeds) of one sweep, per setting",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1193,6 +1245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
+
+    if args.summarize:
+        print(summarize([json.loads(Path(p).read_text()) for p in args.summarize]))
+        return 0
 
     if args.plot:
         records = [json.loads(Path(p).read_text()) for p in args.plot]

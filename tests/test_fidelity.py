@@ -132,6 +132,32 @@ def test_plot_and_cli_plot_mode(record, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_over_seeds(record, tmp_path, capsys):
+    """The range over records: a second record whose lossy run lost 3 points and 5% shows as
+    the span between the two; a setting present once shows alone."""
+    other = json.loads(json.dumps(record))
+    other["config"]["seed"] = 7
+    lossy = other["settings"][1]
+    lossy["acc_diff_points"], lossy["loss_diff_rel_pct"] = -3.0, 5.0
+    other["settings"].append({**lossy, "label": "only-here"})
+    table = fidelity.summarize([record, other])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "seeds 0, 7" in table
+    first = record["settings"][1]
+    assert f"{first['acc_diff_points']:+.2f} .. +" not in rows["bits=3"]  # min first
+    assert f"-3.00 .. {first['acc_diff_points']:+.2f}" in rows["bits=3"] and "| 2 |" in rows["bits=3"]
+    assert f"{first['loss_diff_rel_pct']:+.2f} .. +5.00" in rows["bits=3"]
+    assert "| 1 |" in rows["only-here"]
+    assert rows["lossless"].count("+0.00") >= 2  # bit-identical both times: no span
+    saved = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, rec in zip(saved, (record, other), strict=True):
+        path.write_text(json.dumps(rec))
+    assert fidelity.main(["--summarize", *map(str, saved)]) == 0
+    assert capsys.readouterr().out.strip() == table
+    with pytest.raises(ValueError, match="at least one record"):
+        fidelity.summarize([])
+
+
 def test_restore_steps_are_distinct_save_steps_before_the_end():
     assert fidelity.restore_steps(200, 10, 10) == [20, 40, 60, 80, 100, 110, 130, 150, 170, 190]
     assert fidelity.restore_steps(30, 5, 3) == [10, 20, 25]
