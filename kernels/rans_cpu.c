@@ -112,3 +112,49 @@ int lct_rans_decode(const uint16_t *words, int64_t nwords, int64_t nlanes, const
     }
     return bad;
 }
+
+/* lc/3's context stage (lctriton.kernels.reference, section "lc/3 contexts"). */
+
+#define CONTEXT_OCTAVES 16
+#define NUM_CONTEXTS (3 * CONTEXT_OCTAVES)
+
+/* The context of each element from its moments' float32 bit patterns m and v. */
+void lct_moment_contexts(const uint32_t *m, const uint32_t *v, int64_t n, uint8_t *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        int32_t exp_m = (int32_t)((m[i] >> 23) & 0xFFu);
+        int32_t exp_v = (int32_t)((v[i] >> 23) & 0xFFu);
+        int32_t octave = exp_m - ((exp_v + 1) >> 1) - 63;
+        octave = octave < -8 ? -8 : (octave > CONTEXT_OCTAVES - 9 ? CONTEXT_OCTAVES - 9 : octave);
+        int32_t sign = (m[i] & 0x7FFFFFFFu) == 0 ? 2 : (m[i] >> 31) ? 0 : 1;
+        out[i] = (uint8_t)(sign * CONTEXT_OCTAVES + octave + 8);
+    }
+}
+
+/* joint[ctx * nsym + sym] += 1 for every element (joint zeroed by the caller). Returns -1,
+ * having counted nothing past the bad element, if a context or symbol is out of range. */
+int lct_context_histogram(const uint8_t *ctx, const uint8_t *sym, int64_t n, int64_t nsym, int64_t *joint)
+{
+    for (int64_t i = 0; i < n; i++) {
+        if (ctx[i] >= NUM_CONTEXTS || sym[i] >= nsym)
+            return -1;
+        joint[ctx[i] * nsym + sym[i]]++;
+    }
+    return 0;
+}
+
+/* Stable counting sort by context: start[c] is where context c's run begins (it is advanced
+ * as the run fills). The caller has checked every context is below NUM_CONTEXTS and sized
+ * the runs from their counts, so every write lands inside out. */
+void lct_group_by_context(const uint8_t *ctx, const uint8_t *sym, int64_t n, int64_t *start, uint8_t *out)
+{
+    for (int64_t i = 0; i < n; i++)
+        out[start[ctx[i]]++] = sym[i];
+}
+
+/* The inverse: each element takes the next symbol of its context's run. */
+void lct_ungroup_by_context(const uint8_t *ctx, const uint8_t *grouped, int64_t n, int64_t *start, uint8_t *out)
+{
+    for (int64_t i = 0; i < n; i++)
+        out[i] = grouped[start[ctx[i]]++];
+}

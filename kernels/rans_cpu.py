@@ -1,4 +1,5 @@
-"""The rANS coder on CPU cores: the reference's chunk loops compiled from C.
+"""The entropy stage on CPU cores: the reference's rANS chunk loops and lc/3 context loops,
+compiled from C.
 
 Format: exactly :func:`lctriton.kernels.reference.rans_encode` /
 :func:`~lctriton.kernels.reference.rans_decode`, byte for byte (``tests/test_rans.py``
@@ -6,7 +7,10 @@ compares them). The reference steps every chunk of a stream together, one numpy 
 per symbol position over all lanes; that is fast for many chunks but pays about a dozen
 array passes per symbol. ``rans_cpu.c`` runs each chunk's loop as scalar code instead, a
 few nanoseconds per symbol, which keeps the rANS coder close to the Huffman coder's speed
-on CPU. Argument checks and the lane layout are the reference's own
+on CPU. The lc/3 context stage (:func:`moment_contexts`, :func:`context_histogram`,
+:func:`group_by_context`, :func:`ungroup_by_context`) is one pass each, where the reference's
+torch twins take several (a stable sort among them). Argument checks and the lane layout are
+the reference's own
 (:func:`~lctriton.kernels.reference.rans_encode_input`,
 :func:`~lctriton.kernels.reference.rans_lanes`), so both coders accept and reject the same
 input with the same messages.
@@ -36,15 +40,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from lctriton.kernels.reference import (
+    NUM_CONTEXTS,
     RANS_CORRUPT,
     RANS_ZERO_FREQUENCY,
     RansStream,
+    _check_context_pair,
     rans_encode_input,
     rans_lanes,
     rans_split_lanes,
 )
 
-__all__ = ["available", "rans_encode", "rans_decode", "RansStream", "CACHE_ENV"]
+__all__ = [
+    "available",
+    "rans_encode",
+    "rans_decode",
+    "RansStream",
+    "moment_contexts",
+    "context_histogram",
+    "group_by_context",
+    "ungroup_by_context",
+    "CACHE_ENV",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +137,13 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_rans_encode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]
     lib.lct_rans_decode.restype = ctypes.c_int
     lib.lct_rans_decode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
+    lib.lct_moment_contexts.restype = None
+    lib.lct_moment_contexts.argtypes = [_PTR, _PTR, _I64, _PTR]
+    lib.lct_context_histogram.restype = ctypes.c_int
+    lib.lct_context_histogram.argtypes = [_PTR, _PTR, _I64, _I64, _PTR]
+    for fn in (lib.lct_group_by_context, lib.lct_ungroup_by_context):
+        fn.restype = None
+        fn.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR]
     return lib
 
 
@@ -198,3 +221,68 @@ def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tenso
     if bad:
         raise ValueError(RANS_CORRUPT)
     return rans_split_lanes(grid, items, chunk_symbols)
+
+
+def _flat_u8(t: torch.Tensor, label: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+        raise TypeError(f"{label} must be a uint8 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    return t.detach().reshape(-1).cpu().contiguous()
+
+
+def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.moment_contexts` (on CPU)."""
+    lib = _require()
+    _check_context_pair(first, second)
+    m = first.detach().reshape(-1).cpu().to(torch.float32).contiguous()
+    v = second.detach().reshape(-1).cpu().to(torch.float32).contiguous()
+    out = torch.empty(m.numel(), dtype=torch.uint8)
+    lib.lct_moment_contexts(m.data_ptr(), v.data_ptr(), m.numel(), out.data_ptr())
+    return out
+
+
+def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.context_histogram`.
+
+    Raises:
+        ValueError: If a context or symbol is out of range (the reference's bincount would
+            count it elsewhere).
+    """
+    lib = _require()
+    ctx, sym = _flat_u8(contexts, "contexts"), _flat_u8(symbols, "symbols")
+    if ctx.numel() != sym.numel():
+        raise ValueError(f"contexts and symbols differ in length: {ctx.numel()} and {sym.numel()}")
+    joint = torch.zeros(NUM_CONTEXTS, nsym, dtype=torch.int64)
+    if lib.lct_context_histogram(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), nsym, joint.data_ptr()):
+        raise ValueError(f"a context is not below {NUM_CONTEXTS} or a symbol not below {nsym}")
+    return joint
+
+
+def _run_starts(ctx: torch.Tensor) -> np.ndarray:
+    counts = np.bincount(ctx.numpy(), minlength=NUM_CONTEXTS)
+    if counts.size > NUM_CONTEXTS:
+        raise ValueError(f"contexts must be below {NUM_CONTEXTS}")
+    return (np.cumsum(counts) - counts).astype(np.int64)
+
+
+def group_by_context(contexts: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.group_by_context`."""
+    lib = _require()
+    ctx, sym = _flat_u8(contexts, "contexts"), _flat_u8(symbols, "symbols")
+    if ctx.numel() != sym.numel():
+        raise ValueError(f"contexts and symbols differ in length: {ctx.numel()} and {sym.numel()}")
+    start = _run_starts(ctx)
+    out = torch.empty_like(sym)
+    lib.lct_group_by_context(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), _ptr(start), out.data_ptr())
+    return out
+
+
+def ungroup_by_context(contexts: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.ungroup_by_context`."""
+    lib = _require()
+    ctx, sym = _flat_u8(contexts, "contexts"), _flat_u8(grouped, "grouped")
+    if ctx.numel() != sym.numel():
+        raise ValueError(f"contexts and grouped differ in length: {ctx.numel()} and {sym.numel()}")
+    start = _run_starts(ctx)
+    out = torch.empty_like(sym)
+    lib.lct_ungroup_by_context(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), _ptr(start), out.data_ptr())
+    return out

@@ -78,6 +78,12 @@ __all__ = [
     "rans_encode",
     "rans_decode",
     "RansStream",
+    "CONTEXT_OCTAVES",
+    "NUM_CONTEXTS",
+    "moment_contexts",
+    "context_histogram",
+    "group_by_context",
+    "ungroup_by_context",
     "LcStream",
     "BLOCK",
     "check_chunk_symbols",
@@ -1251,6 +1257,73 @@ def rans_split_lanes(grid: np.ndarray, items: list[RansStream], chunk_symbols: i
         sym = np.ascontiguousarray(grid[lane : lane + nchunks]).reshape(-1)[: it.numel]
         out.append(torch.from_numpy(sym))
         lane += nchunks
+    return out
+
+
+# --------------------------------------------------------------------------- lc/3 contexts
+#
+# lc/3 groups a delta's symbols by a context read from the base's Adam moments of the same
+# parameter and codes each group as its own rANS stream. These twins are plain torch (they
+# run as they are on a GPU); ``lctriton.kernels.rans_cpu`` has the same loops compiled for
+# CPU cores.
+
+#: Octaves of ``|m| / sqrt(v)`` a context tells apart; contexts: 3 signs of ``m`` x octaves.
+CONTEXT_OCTAVES = 16
+NUM_CONTEXTS = 3 * CONTEXT_OCTAVES
+
+
+def _check_context_pair(first: object, second: object) -> tuple[torch.Tensor, torch.Tensor]:
+    for label, t in (("first", first), ("second", second)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{label} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if first.numel() != second.numel():
+        raise ValueError(f"first and second must have as many elements, got {first.numel()} and {second.numel()}")
+    return first, second
+
+
+def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The lc/3 context of every element, from a parameter's Adam moments in the base.
+
+    With ``E(t)`` the exponent field of ``float32(t)`` (0 to 255), the octave is
+    ``clamp(E(m) - ((E(v) + 1) >> 1) - 63, -8, 7) + 8``, which is ``e(m) - floor(e(v) / 2)``
+    for the unbiased exponents, about ``log2(|m| / sqrt(v))``; the context is ``16 * sign +
+    octave`` with sign 0 for a negative ``m``, 1 for a positive one, 2 for a zero of either
+    sign. Only integer operations on bit patterns: every device computes the same contexts.
+
+    Args:
+        first: The base's first moment (``exp_avg``) of the parameter, any float dtype.
+        second: Its second moment (``exp_avg_sq``), as many elements.
+
+    Returns:
+        Flat uint8 contexts below :data:`NUM_CONTEXTS`, on the moments' device.
+    """
+    _check_context_pair(first, second)
+    m = first.detach().reshape(-1).to(torch.float32).view(torch.int32)
+    v = second.detach().reshape(-1).to(torch.float32).view(torch.int32)
+    exp_v = (v >> 23) & 0xFF
+    octave = (((m >> 23) & 0xFF) - ((exp_v + 1) >> 1) - 63).clamp_(-8, CONTEXT_OCTAVES - 9).add_(8)
+    sign = (m >= 0).to(torch.int32).masked_fill_((m & 0x7FFFFFFF) == 0, 2)
+    return (sign * CONTEXT_OCTAVES + octave).to(torch.uint8)
+
+
+def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) -> torch.Tensor:
+    """int64 ``[NUM_CONTEXTS, nsym]``: how often each symbol occurs in each context."""
+    joint = contexts.reshape(-1).to(torch.int64) * nsym + symbols.reshape(-1).to(torch.int64)
+    return torch.bincount(joint, minlength=NUM_CONTEXTS * nsym).reshape(NUM_CONTEXTS, nsym)
+
+
+def group_by_context(contexts: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
+    """The symbols of context 0 in index order, then those of context 1, ... (a stable sort
+    by context: one answer on every device)."""
+    order = torch.argsort(contexts.reshape(-1), stable=True)
+    return symbols.reshape(-1)[order]
+
+
+def ungroup_by_context(contexts: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`group_by_context`: each symbol back at its element's index."""
+    order = torch.argsort(contexts.reshape(-1), stable=True)
+    out = torch.empty_like(grouped)
+    out[order] = grouped
     return out
 
 

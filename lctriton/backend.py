@@ -33,6 +33,10 @@ __all__ = [
     "lq_reconstruct",
     "rans_encode",
     "rans_decode",
+    "moment_contexts",
+    "context_histogram",
+    "group_by_context",
+    "ungroup_by_context",
     "quantize_groups",
     "dequantize_groups",
     "fingerprint",
@@ -144,6 +148,31 @@ def rans_decode(items: list[reference.RansStream], chunk_symbols: int, device: t
     if module is reference:
         return _cpu_rans().rans_decode(items, chunk_symbols)
     return module.rans_decode(items, chunk_symbols, device)
+
+
+def _context_module(device: torch.device) -> ModuleType:
+    """lc/3's context stage: torch ops (the reference) on a GPU, the compiled loops on CPU."""
+    return _cpu_rans() if device.type == "cpu" else reference
+
+
+def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """lc/3 contexts from the base's moments (see ``reference.moment_contexts``)."""
+    return _context_module(first.device).moment_contexts(first, second)
+
+
+def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) -> torch.Tensor:
+    """Symbol counts per context (see ``reference.context_histogram``)."""
+    return _context_module(contexts.device).context_histogram(contexts, symbols, nsym)
+
+
+def group_by_context(contexts: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
+    """Symbols in context order (see ``reference.group_by_context``)."""
+    return _context_module(contexts.device).group_by_context(contexts, symbols)
+
+
+def ungroup_by_context(contexts: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """Symbols back in index order (see ``reference.ungroup_by_context``)."""
+    return _context_module(contexts.device).ungroup_by_context(contexts, grouped)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group_size: int, seed: int, stochastic: bool):

@@ -1,6 +1,6 @@
 """Tensor codecs: what each tensor record in a container says, and how it is coded.
 
-Five codecs exist (``docs/format.md`` has every field):
+Six codecs exist (``docs/format.md`` has every field):
 
 ``raw/1``
     The tensor's bytes as they are in memory (C order, little-endian). Used for tiny exact
@@ -25,6 +25,15 @@ Five codecs exist (``docs/format.md`` has every field):
     ``lc/1``'s symbols, rANS-coded (``reference.rans_encode``): below one bit per element
     where one symbol dominates. The record has rANS frequencies instead of code lengths;
     the payload has the uint32 word count of every chunk and the 16-bit words.
+
+``lc/3``
+    ``lc/1``'s symbols, grouped by a context read from the base's Adam moments of the same
+    parameter (the sign of ``exp_avg`` and the octave of ``|exp_avg| / sqrt(exp_avg_sq)``,
+    from their float32 bit patterns alone): the elements of each context, in index order,
+    form one rANS stream with a table of its own. Adam moves a weight by ``-lr * m /
+    sqrt(v)``, so a context predicts the sign and size of the delta; the decoder holds the
+    base and recomputes the grouping. The record names the two base tensors and their
+    fingerprints.
 
 ``lq/1``
     Log-domain quantization for optimizer moments (``reference.lq_symbols``): each value
@@ -55,6 +64,7 @@ __all__ = [
     "RAW",
     "LC",
     "LC2",
+    "LC3",
     "LQ",
     "BP",
     "plan_log_buckets",
@@ -78,19 +88,25 @@ LC2 = "lc/2"
 LQ = "lq/1"
 BP = "bp/1"
 #: Codecs whose symbols are rANS-coded.
+LC3 = "lc/3"
 RANS_CODECS = (LC2, LQ)
-ALL_CODECS = (RAW, BP, LC, LC2, LQ)
+ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ)
 #: Codecs that code a floating tensor lossily.
-LOSSY_CODECS = (LC, LC2, LQ)
+LOSSY_CODECS = (LC, LC2, LC3, LQ)
 #: Codecs whose records name a base.
-DELTA_CODECS = (LC, LC2, LQ, BP)
+DELTA_CODECS = (LC, LC2, LC3, LQ, BP)
 #: Mantissa bits of an lq/1 bin: 2**precision bins per octave.
 MAX_LOG_PRECISION = 4
 #: Coders of the lossy codecs' symbols.
-CODERS = ("auto", "huffman", "rans")
+CODERS = ("auto", "huffman", "rans", "context")
 #: With ``coder="auto"``, rANS is used where it saves at least this fraction of the Huffman
 #: payload: elsewhere Huffman is within a few percent of the entropy and codes faster.
 RANS_MIN_SAVING = 0.10
+#: Contexts of ``lc/3`` (``reference.moment_contexts``).
+NUM_CONTEXTS = reference.NUM_CONTEXTS
+#: With ``coder="auto"``, ``lc/3`` is used where it saves at least this fraction of the
+#: cheaper of ``lc/1`` and ``lc/2``, by the histograms (its tables cost more record bytes).
+CONTEXT_MIN_SAVING = 0.05
 
 #: dtype name in a file -> torch dtype. Only these can be stored.
 DTYPES: dict[str, torch.dtype] = {
@@ -274,18 +290,67 @@ def _rans_parts(
     return freqs, None, words, chunk_words
 
 
+def _context_bits(joint: np.ndarray, chunk_symbols: int) -> float:
+    """``lc/3`` payload in bits for per-context symbol counts (``[NUM_CONTEXTS, nsym]``),
+    with each streamed context's table priced as it is written in the record (about 40 bits
+    an entry)."""
+    total = 0.0
+    for counts in joint:
+        n = int(counts.sum())
+        if n == 0 or np.count_nonzero(counts) < 2:
+            continue
+        freqs = rans.quantize_frequencies(counts)
+        total += _rans_bits(counts, freqs, -(-n // chunk_symbols)) + 40 * counts.size
+    return total
+
+
+def _context_streams(
+    symbols: torch.Tensor, contexts: torch.Tensor, joint: np.ndarray, chunk_symbols: int
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """Code the symbols of each context as one rANS stream: the context tables of an
+    ``lc/3`` record and its stream parts (chunk word counts, words; per streamed context)."""
+    grouped = backend.group_by_context(contexts, symbols)
+    tables: list[dict] = []
+    parts: list[torch.Tensor] = []
+    start = 0
+    for counts in joint:
+        n = int(counts.sum())
+        if n == 0:
+            tables.append({"count": 0})
+            continue
+        freqs, fill, words, chunk_words = _rans_parts(grouped[start : start + n], counts, chunk_symbols)
+        start += n
+        if fill is not None:
+            tables.append({"count": n, "fill": fill})
+            continue
+        tables.append({"count": n, "freqs": freqs.tolist(), "words": int(words.numel())})
+        parts += [chunk_words.to(torch.int32), words]
+    return tables, parts
+
+
 def encode_lc(
-    tensor: torch.Tensor, base: torch.Tensor | None, bits: int, chunk_symbols: int, coder: str = "huffman"
+    tensor: torch.Tensor,
+    base: torch.Tensor | None,
+    bits: int,
+    chunk_symbols: int,
+    coder: str = "huffman",
+    context: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]] | None = None,
 ) -> EncodedTensor:
-    """Code a floating tensor lossily against ``base`` (or zeros) with ``lc/1`` or ``lc/2``.
+    """Code a floating tensor lossily against ``base`` (or zeros) with ``lc/1``, ``lc/2`` or
+    ``lc/3``.
 
     Args:
         tensor: The tensor.
         base: Its base, or None.
         bits: Symbol width.
         chunk_symbols: Symbols per chunk.
-        coder: ``"huffman"`` (lc/1), ``"rans"`` (lc/2) or ``"auto"``: rANS where it saves at
-            least :data:`RANS_MIN_SAVING` of the Huffman payload, by the histogram.
+        coder: ``"huffman"`` (lc/1), ``"rans"`` (lc/2), ``"context"`` (lc/3 where ``context``
+            is given, else lc/2) or ``"auto"``: lc/3 where it saves at least
+            :data:`CONTEXT_MIN_SAVING` of the cheaper of the others, else rANS where it saves
+            at least :data:`RANS_MIN_SAVING` of the Huffman payload, by the histograms.
+        context: ``((name, exp_avg), (name, exp_avg_sq))``: the base's Adam moments of this
+            parameter (dotted names in the base state, tensors with as many elements), which
+            ``lc/3`` groups the symbols by.
 
     Returns:
         The encoded tensor; ``reconstruction`` is what a decoder restores, in the tensor's
@@ -302,11 +367,6 @@ def encode_lc(
     plan = plan_buckets(hist, bits)
     lengths = huffman.code_lengths(plan.symbol_counts)
     nchunks = -(-x.numel() // chunk_symbols)
-    if lengths.any():
-        freqs = rans.quantize_frequencies(plan.symbol_counts)
-        coder = choose_coder(plan.symbol_counts, lengths, freqs, nchunks, coder)
-    else:
-        coder = "huffman"  # a fill: no stream either way
     dev = x.device
     lut = torch.from_numpy(plan.key_to_symbol).to(dev)
     reps = torch.from_numpy(plan.representatives).to(dev)
@@ -318,14 +378,35 @@ def encode_lc(
         "chunk": chunk_symbols,
         "reps": plan.representatives.view(np.uint32).tolist(),
     }
-    if coder == "rans":
-        symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
+    symbols = contexts = None
+    if lengths.any():
+        freqs = rans.quantize_frequencies(plan.symbol_counts)
+        if context is not None and coder in ("auto", "context"):
+            symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
+            contexts = backend.moment_contexts(context[0][1].to(dev), context[1][1].to(dev))
+            joint = backend.context_histogram(contexts, symbols, plan.representatives.size).cpu().numpy()
+            plain = min(_huffman_bits(plan.symbol_counts, lengths, nchunks), _rans_bits(plan.symbol_counts, freqs, nchunks))
+            if coder == "auto" and _context_bits(joint, chunk_symbols) > (1.0 - CONTEXT_MIN_SAVING) * plain:
+                contexts = None
+        coder = choose_coder(plan.symbol_counts, lengths, freqs, nchunks, "rans" if coder == "context" else coder)
+    else:
+        coder = "huffman"  # a fill: no stream either way
+    if contexts is not None:
+        tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+        del symbols, contexts
+        record.update(
+            codec=LC3,
+            context=[{"name": name, "base": f"{backend.fingerprint(t):016x}"} for name, t in context],
+            tables=tables,
+        )
+        parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
+    elif coder == "rans":
+        if symbols is None:
+            symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
         freqs, fill, words, chunk_words = _rans_parts(symbols, plan.symbol_counts, chunk_symbols)
         del symbols
         record.update(codec=LC2, freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
-        (chunk_part, stream_part), ready = _host_parts(
-            [chunk_words.to(torch.int32), words], [np.uint32, np.uint16]
-        )
+        parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
     else:
         fill = None
         if not lengths.any():
@@ -335,14 +416,14 @@ def encode_lc(
             x, b, lut, reps, torch.from_numpy(lengths).to(dev), chunk_symbols
         )
         record.update(lengths=lengths.tolist(), fill=fill, words=int(stream.numel()))
-        (chunk_part, stream_part), ready = _host_parts([chunk_bits.to(torch.int32), stream], [np.uint32, np.int64])
+        parts, ready = _host_parts([chunk_bits.to(torch.int32), stream], [np.uint32, np.int64])
     exc_index, exc_values = _exceptions(x, b, recon, hist, nonfinite)
     record.update(
         exceptions=int(exc_index.numel()),
         bound=plan.error_bound,
         base=None if b is None else f"{backend.fingerprint(b):016x}",
     )
-    parts = [chunk_part, stream_part, exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
+    parts += [exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
 
 
@@ -755,6 +836,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
             raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")
     if codec in (LC2, LQ):
         _validate_rans_record(record, name, codec, dtype_name, numel)
+    elif codec == LC3:
+        _validate_context_record(record, name, dtype_name, numel)
     elif codec == BP:
         _validate_planes(record, name, dtype_name, numel)
     return DTYPES[dtype_name], tuple(shape), numel
@@ -824,6 +907,66 @@ def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, 
     _base_field(record, name)
 
 
+def _validate_context_record(record: dict, name: str, dtype_name: str, numel: int) -> None:
+    if dtype_name not in _LOSSY_NAMES:
+        raise _fail(name, f"codec {LC3} cannot hold dtype {dtype_name}")
+    _chunk(record, name)
+    bits = _int(record, "bits", name, 1, 8)
+    reps = record.get("reps")
+    if not isinstance(reps, list) or not 1 <= len(reps) <= 1 << bits:
+        raise _fail(name, f"'reps' must list 1 to {1 << bits} values")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 32 for r in reps):
+        raise _fail(name, "'reps' must hold uint32 bit patterns")
+    context = record.get("context")
+    if not (
+        isinstance(context, list)
+        and len(context) == 2
+        and all(
+            isinstance(c, dict) and set(c) == {"name", "base"} and isinstance(c["name"], str)
+            and isinstance(c["base"], str) and _FINGERPRINT.fullmatch(c["base"])
+            for c in context
+        )
+    ):
+        raise _fail(name, "'context' must list two {'name', 'base'} objects (the base's moments)")
+    tables = record.get("tables")
+    if not isinstance(tables, list) or len(tables) != NUM_CONTEXTS:
+        raise _fail(name, f"'tables' must list {NUM_CONTEXTS} context tables")
+    total = 0
+    for c, table in enumerate(tables):
+        if not isinstance(table, dict) or not {"count"} <= set(table) <= {"count", "fill", "freqs", "words"}:
+            raise _fail(name, f"context table {c} must be an object with 'count' and 'fill' or 'freqs'/'words'")
+        count = _int(table, "count", name, 0, numel)
+        total += count
+        if count == 0:
+            if set(table) != {"count"}:
+                raise _fail(name, f"context table {c} is empty and must hold only its count")
+        elif "fill" in table:
+            fill = table["fill"]
+            if set(table) != {"count", "fill"}:
+                raise _fail(name, f"context table {c}: a fill has no 'freqs' or 'words'")
+            if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < len(reps):
+                raise _fail(name, f"context table {c}: 'fill' must be a symbol below {len(reps)}, got {fill!r}")
+        else:
+            if set(table) != {"count", "freqs", "words"}:
+                raise _fail(name, f"context table {c} must hold 'freqs' and 'words'")
+            try:
+                freqs = rans.validate_frequencies(table["freqs"], len(reps))
+            except ValueError as exc:
+                raise _fail(name, f"context table {c}: {exc}") from None
+            if rans.fill_symbol(freqs) is not None:
+                raise _fail(name, f"context table {c}: a stream needs at least two symbols of nonzero frequency")
+            _int(table, "words", name)
+    if total != numel:
+        raise _fail(name, f"the context tables count {total} elements, the tensor has {numel}")
+    _int(record, "exceptions", name, 0, numel)
+    bound = record.get("bound")
+    if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf:
+        raise _fail(name, f"'bound' must be a finite non-negative number, got {bound!r}")
+    _base_field(record, name)
+    if record["base"] is None:
+        raise _fail(name, f"codec {LC3} codes a delta: 'base' must name one")
+
+
 def _validate_planes(record: dict, name: str, dtype_name: str, numel: int) -> None:
     _chunk(record, name)
     itemsize = torch.empty(0, dtype=DTYPES[dtype_name]).element_size()
@@ -861,6 +1004,13 @@ def payload_layout(record: dict, numel: int) -> list[tuple[str, int, int]]:
                 sizes.append((f"plane{j}", numel))
             elif "freqs" in plane:
                 sizes += [(f"plane{j}_chunk_words", nchunks * 4), (f"plane{j}_stream", plane["words"] * 2)]
+    elif record["codec"] == LC3:
+        sizes = []
+        for c, table in enumerate(record["tables"]):
+            if "freqs" in table:
+                chunks = -(-table["count"] // record["chunk"])
+                sizes += [(f"context{c}_chunk_words", chunks * 4), (f"context{c}_stream", table["words"] * 2)]
+        sizes += [("exc_index", record["exceptions"] * 8), ("exc_values", record["exceptions"] * itemsize)]
     else:
         word_bytes = 8 if record["codec"] == LC else 2
         sizes = [

@@ -48,7 +48,7 @@ FIRST_MOMENT_PATTERNS: tuple[str, ...] = ("*.exp_avg", "*.momentum_buffer")
 MOMENT_MODES = ("log", "predict", "lossy", "exact")
 
 #: Entropy coders of lossy symbols.
-CODERS = ("auto", "huffman", "rans")
+CODERS = ("auto", "huffman", "rans", "context")
 
 
 def _tuple_of(value: object, item: type, name: str, what: str) -> tuple:
@@ -88,8 +88,13 @@ class CodecOptions:
             cost more than they save.
         chunk_symbols: Symbols per independently decodable chunk of the entropy-coded stream.
         coder: Entropy coder of lossy symbols: ``"huffman"`` (``lc/1``), ``"rans"``
-            (``lc/2``, below one bit per symbol) or ``"auto"`` (rANS where the histogram
-            says it saves at least 10% of a tensor's Huffman payload).
+            (``lc/2``, below one bit per symbol), ``"context"`` (``lc/3``: one rANS table per
+            context read from the base's Adam moments of the parameter, where the base holds
+            them; ``lc/2`` elsewhere) or ``"auto"`` (``lc/3`` where it saves at least 5%,
+            else rANS where it saves at least 10% of a tensor's Huffman payload, by the
+            histograms). Context coding needs a state that holds the model and its
+            optimizer side by side (``{"model": ..., "optimizer": ...}``, as
+            :class:`lctriton.TrainingState` and the checkpoint managers save it).
         moments: How optimizer moments (:data:`MOMENT_PATTERNS`) are coded in a delta:
             ``"log"`` quantizes them in the log domain against the base decayed by the
             optimizer's betas over the steps between the checkpoints (``lq/1``: relative

@@ -322,6 +322,63 @@ def moment_decay(obj: Any, base: Any) -> dict[str, float]:
     return scales
 
 
+#: Names of the buffers torch's own modules keep beside parameters of the same shape
+#: (normalization statistics): never matched to a parameter's moments.
+_BUFFER_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def parameter_moments(state: Any) -> dict[str, tuple[str, str]]:
+    """Dotted name of each model parameter -> the dotted names of its Adam moments
+    (``exp_avg``, ``exp_avg_sq``) in the same state.
+
+    An optimizer state dict numbers its parameters in ``param_groups`` order; they are the
+    parameters of the model state dict beside it (its one sibling mapping of tensors, such as
+    ``state["model"]`` beside ``state["optimizer"]``), in order, with buffers in between. A
+    floating tensor of the model takes the next number whose ``exp_avg`` has its shape; one
+    that does not fit, or is named like a normalization layer's statistics
+    (``running_mean``, ``running_var``), is a buffer and is passed over. Matching stops at a number without
+    moments (a parameter the optimizer has not stepped yet), whose shape says nothing. A
+    wrong match costs only compression: ``lc/3`` is chosen by measured size, and its record
+    names the tensors it used.
+    """
+    found: dict[str, tuple[str, str]] = {}
+    for path, opt in _optimizer_states(state):
+        if not path:
+            continue
+        parent = _lookup(state, path[:-1])
+        models = [
+            (key, value) for key, value in parent.items()
+            if key != path[-1] and isinstance(value, Mapping) and value
+            and all(isinstance(t, torch.Tensor) for t in value.values())
+        ] if isinstance(parent, Mapping) else []
+        if len(models) != 1:
+            continue
+        model_key, model = models[0]
+        numbers = [pid for group in opt["param_groups"] if isinstance(group, Mapping) for pid in group.get("params", ())]
+        j = 0
+        for key, tensor in model.items():
+            if j >= len(numbers):
+                break
+            moments = opt["state"].get(numbers[j])
+            if not isinstance(moments, Mapping):
+                break
+            first, second = moments.get("exp_avg"), moments.get("exp_avg_sq")
+            if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+                break
+            if (
+                not tensor.is_floating_point()
+                or tuple(tensor.shape) != tuple(first.shape)
+                or str(key).rsplit(".", 1)[-1] in _BUFFER_NAMES
+            ):
+                continue
+            found[_path_name(path[:-1] + (model_key, key))] = (
+                _path_name(path + ("state", numbers[j], "exp_avg")),
+                _path_name(path + ("state", numbers[j], "exp_avg_sq")),
+            )
+            j += 1
+    return found
+
+
 def _encode_exact(tensor: torch.Tensor, base: torch.Tensor | None, options: CodecOptions) -> codecs.EncodedTensor:
     if options.code_exact and tensor.numel() >= options.min_numel:
         return codecs.encode_bp(tensor, base, options.chunk_symbols)
@@ -387,6 +444,17 @@ def encode_states(
     done = 0
 
     decays = [moment_decay(obj, base) for obj, base in items]
+    moment_names = [parameter_moments(obj) if base is not None else {} for obj, base in items]
+
+    def context_of(k: int, name: str, tensor: torch.Tensor):
+        """The base's moments of parameter ``name``, for lc/3; None when the base lacks them."""
+        names = moment_names[k].get(name)
+        if names is None or options.coder not in ("auto", "context"):
+            return None
+        pair = tuple((n, bases[k].get(n)) for n in names)
+        if all(t is not None and t.is_floating_point() and t.numel() == tensor.numel() for _, t in pair):
+            return pair
+        return None
 
     def encode_one(job: tuple[int, int]) -> codecs.EncodedTensor:
         k, i = job
@@ -410,7 +478,8 @@ def encode_states(
                 predict_only=mode == "predict" and b is not None,
             )
         else:
-            encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols, options.coder)
+            context = context_of(k, name, tensor) if b is not None else None
+            encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols, options.coder, context)
         encoded.reconstruction = encoded.reconstruction.to(tensor.device) if reconstruct else None
         return encoded
 
@@ -661,6 +730,52 @@ def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values):
     return finish
 
 
+def _context_of(rec: dict, name: str, numel: int, base_tensors: dict[str, torch.Tensor], dev: str) -> torch.Tensor:
+    """The contexts of an lc/3 record's elements, from the base's moments it names, checked
+    against their fingerprints and the record's context counts."""
+    moments = []
+    for ref in rec["context"]:
+        t = base_tensors.get(ref["name"])
+        if t is None:
+            raise BaseMismatchError(
+                f"tensor {name!r} is coded by the base's optimizer moment {ref['name']!r}, which the base given lacks"
+            )
+        found = f"{backend.fingerprint(t):016x}"
+        if found != ref["base"]:
+            raise BaseMismatchError(
+                f"tensor {name!r} was coded by base moment {ref['name']!r} {ref['base']} but the base given has {found}"
+            )
+        if not t.is_floating_point() or t.numel() != numel:
+            raise FormatError(f"tensor {name!r}: its context {ref['name']!r} is not a floating tensor of {numel} elements")
+        moments.append(t.to(dev))
+    contexts = backend.moment_contexts(*moments)
+    counts = torch.bincount(contexts.to(torch.int64), minlength=codecs.NUM_CONTEXTS).cpu().tolist()
+    if counts != [table["count"] for table in rec["tables"]]:
+        raise FormatError(f"tensor {name!r}: its context tables do not count the base moments' contexts")
+    return contexts
+
+
+def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values):
+    """What turns an lc/3 record's per-context symbols into its tensor."""
+
+    def finish(symbols: list[torch.Tensor]) -> torch.Tensor:
+        device = torch.device(dev)
+        coded = iter(symbols)
+        pieces = []
+        for table in rec["tables"]:
+            if "fill" in table:
+                pieces.append(torch.full((table["count"],), table["fill"], dtype=torch.uint8, device=device))
+            elif "freqs" in table:
+                pieces.append(next(coded).to(device))
+        grouped = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
+        sym = backend.ungroup_by_context(contexts.to(device), grouped)
+        out = backend.lc_reconstruct(sym, reps.to(device), b.reshape(-1), dtype).to(device)
+        _apply_exceptions(out, exc_index, exc_values, dtype)
+        return out
+
+    return finish
+
+
 def _plane_finisher(rec, view, layout, name, numel, dtype, b, dev):
     """What turns a bp/1 record's decoded planes into its tensor."""
     raw_planes = {
@@ -798,6 +913,18 @@ def decode_state(
         if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
             raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
+        if rec["codec"] == codecs.LC3:
+            contexts = _context_of(rec, name, numel, base_tensors, dev)
+            streams = []
+            for c, table in enumerate(rec["tables"]):
+                if "freqs" in table:
+                    cw = _part(view, layout, name, f"context{c}_chunk_words", np.dtype(np.uint32))
+                    words = _part(view, layout, name, f"context{c}_stream", np.dtype(np.uint16))
+                    streams.append(add_stream(rec, cw, words, table["count"], table["freqs"], dev))
+            finishers.append(
+                (i, streams, _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values))
+            )
+            continue
         if rec["codec"] in codecs.RANS_CODECS:
             cw = _part(view, layout, name, "chunk_words", np.dtype(np.uint32))
             words = _part(view, layout, name, "stream", np.dtype(np.uint16))

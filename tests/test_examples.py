@@ -33,7 +33,7 @@ peers = _load_peers()
 
 def _assert_same_trajectory(first, second):
     assert len(first) == len(second)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert list(a) == list(b)
         for name in a:
             assert torch.equal(a[name], b[name]), name

@@ -180,7 +180,7 @@ def assert_same(actual, expected, path: str = "state") -> None:
             assert_same(actual[k], expected[k], f"{path}[{k!r}]")
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_same(a, e, f"{path}[{i}]")
     else:
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
@@ -277,7 +277,7 @@ def test_golden_bytes_are_reproduced(golden):
     state, base, stored, info = golden
     data = lctriton.compress(state, base, **make_golden.OPTIONS).to_bytes()
     if data != stored:
-        first = next((i for i, (a, b) in enumerate(zip(data, stored)) if a != b), min(len(data), len(stored)))
+        first = next((i for i, (a, b) in enumerate(zip(data, stored, strict=False)) if a != b), min(len(data), len(stored)))
         where = [name for name, lo, hi in regions(stored) if lo <= first < hi]
         pytest.fail(
             f"compress() no longer writes golden_v1.lct: {len(data)} vs {len(stored)} bytes, first "
@@ -1635,6 +1635,20 @@ def test_golden_rans_file_is_reproduced_byte_for_byte():
     info = json.loads((DATA / "golden_rans_v1.json").read_text())
     compressed = lctriton.compress(state, base, **make_golden.RANS_OPTIONS)
     assert {r["name"]: r["codec"] for r in compressed.index["tensors"]} == info["codecs"]
+    assert compressed.to_bytes() == data
+    decoded = lctriton.decompress(data, base=base)
+    flat = lctriton.pipeline.flatten_tensors(decoded)
+    assert {k: make_golden.tensor_digest(v) for k, v in flat.items()} == info["tensors"]
+
+
+def test_golden_context_file_is_reproduced_byte_for_byte():
+    """lc/3 bytes are pinned: the contexts, their grouping and their streams."""
+    state, base = make_golden.golden_context_state()
+    data = (DATA / "golden_context_v1.lct").read_bytes()
+    info = json.loads((DATA / "golden_context_v1.json").read_text())
+    compressed = lctriton.compress(state, base, **make_golden.CONTEXT_OPTIONS)
+    assert {r["name"]: r["codec"] for r in compressed.index["tensors"]} == info["codecs"]
+    assert info["codecs"]["model.w"] == codecs.LC3
     assert compressed.to_bytes() == data
     decoded = lctriton.decompress(data, base=base)
     flat = lctriton.pipeline.flatten_tensors(decoded)

@@ -195,25 +195,33 @@ def test_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 def _every_codec_state(n, device="cpu"):
     """A state and base that use every codec: lc/1 (dense delta), lc/2 (a sparse delta),
-    lq/1 (Adam moments), bp/1 (integers) and raw/1 (a tiny tensor)."""
+    lc/3 (an Adam-like delta, against the sign and size of the base's first moment), lq/1
+    (Adam moments), bp/1 (integers) and raw/1 (a tiny tensor)."""
     g = torch.Generator().manual_seed(3)
     dense = torch.randn(n, generator=g)
     sparse = torch.randn(n, generator=g)
     v = torch.rand(n, generator=g) * 1e-6
     m = torch.randn(n, generator=g) * 1e-3
+    w = torch.randn(n, generator=g)
+    m_w = torch.randn(n, generator=g) * 1e-3
+    v_w = torch.full((n,), 1e-6)
+    step = torch.where(m_w > 0, -1e-3, 1e-3) * (m_w.abs() / 1e-3).clamp(0.25, 4)  # Adam: -lr * m / sqrt(v)
+    groups = [{"params": [0, 1], "betas": (0.9, 0.999), "lr": 1e-3}]
     state = {
-        "model": {"a": dense, "b": torch.randn(40, 50, generator=g).to(torch.bfloat16), "emb": sparse,
+        "model": {"a": dense, "w": w + step, "b": torch.randn(40, 50, generator=g).to(torch.bfloat16), "emb": sparse,
                   "i": torch.arange(5), "ids": torch.randint(0, 1000, (n,), generator=g)},
-        "opt": {"state": {0: {"step": torch.tensor(12.0), "exp_avg": m, "exp_avg_sq": v}},
-                "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]},
+        "opt": {"state": {0: {"step": torch.tensor(12.0), "exp_avg": m, "exp_avg_sq": v},
+                          1: {"step": torch.tensor(12.0), "exp_avg": m_w * 0.9, "exp_avg_sq": v_w}},
+                "param_groups": groups},
     }
     base = {
-        "model": {"a": dense + 0.01 * torch.randn(n, generator=g),
+        "model": {"a": dense + 0.01 * torch.randn(n, generator=g), "w": w,
                   "b": (state["model"]["b"].float() + 0.01 * torch.randn(40, 50, generator=g)).to(torch.bfloat16),
                   "emb": sparse + (torch.rand(n, generator=g) < 0.02) * torch.randn(n, generator=g) * 1e-2,
                   "i": torch.arange(5), "ids": state["model"]["ids"].clone()},
-        "opt": {"state": {0: {"step": torch.tensor(10.0), "exp_avg": m * 1.2, "exp_avg_sq": v * 1.001}},
-                "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]},
+        "opt": {"state": {0: {"step": torch.tensor(10.0), "exp_avg": m * 1.2, "exp_avg_sq": v * 1.001},
+                          1: {"step": torch.tensor(10.0), "exp_avg": m_w, "exp_avg_sq": v_w}},
+                "param_groups": groups},
     }
     base["model"]["ids"][::7] += 1
     return _to(state, device), _to(base, device)

@@ -100,7 +100,7 @@ def _run(tmp_path, seed=0, **codec):
 
 def test_lossless_resume_is_bit_identical(tmp_path):
     (ref_model, ref_metrics), (model, metrics) = _run(tmp_path, lossless=True, max_chain_bytes=1 << 40)
-    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert metrics == ref_metrics
 

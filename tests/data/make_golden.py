@@ -1,7 +1,8 @@
 """Write the golden container ``golden_v1.lct`` and its expected decode ``golden_v1.json``.
 
     python3 tests/data/make_golden.py          # golden_v1 (lc/1, raw/1)
-    python3 tests/data/make_golden.py --rans   # golden_rans_v1 (lc/2, lq/1, bp/1)
+    python3 tests/data/make_golden.py --rans     # golden_rans_v1 (lc/2, lq/1, bp/1)
+    python3 tests/data/make_golden.py --context  # golden_context_v1 (lc/3)
 
 The state is built from integer formulas only (no RNG), so it is the same on every machine.
 ``tests/test_format.py`` rebuilds it with :func:`golden_state` and checks that compressing
@@ -29,6 +30,8 @@ GOLDEN_LCT = HERE / "golden_v1.lct"
 GOLDEN_JSON = HERE / "golden_v1.json"
 #: The rANS-coded codecs (lc/2, lq/1, bp/1), pinned in their own file.
 GOLDEN_RANS_LCT = HERE / "golden_rans_v1.lct"
+GOLDEN_CONTEXT_LCT = HERE / "golden_context_v1.lct"
+GOLDEN_CONTEXT_JSON = HERE / "golden_context_v1.json"
 GOLDEN_RANS_JSON = HERE / "golden_rans_v1.json"
 
 #: Fixed codec options of the golden file (every option spelled out, defaults included).
@@ -140,6 +143,37 @@ def golden_rans_state() -> tuple[dict, dict]:
     return state, base
 
 
+#: Options of the lc/3 golden file: the rANS file's, with context coding forced.
+CONTEXT_OPTIONS = dict(RANS_OPTIONS, coder="context")
+
+
+def golden_context_state() -> tuple[dict, dict]:
+    """A state and base, from integer formulas only, whose weight delta is coded with lc/3:
+    the weight moves against the base's first moment, as Adam moves it.
+
+    Returns:
+        ``(state, base)``.
+    """
+    i = torch.arange(4096, dtype=torch.int64)
+    base_w = (((i * 37) % 33) - 16).to(torch.float32) / 16
+    m_base = ((((i * 13) % 17) - 8).to(torch.float32)) * torch.pow(2.0, -((i % 7) + 8).to(torch.float32))
+    v_base = torch.pow(2.0, -((i * 5) % 9 + 14).to(torch.float32))
+    step = -torch.sign(m_base) * torch.pow(2.0, -((i % 5) + 8).to(torch.float32))
+    m = m_base * 0.9 + step * 2.0**-4
+    v = v_base * 0.999
+    opt = {
+        "state": {0: {"step": torch.tensor(6.0), "exp_avg": m.reshape(64, 64), "exp_avg_sq": v.reshape(64, 64)}},
+        "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}],
+    }
+    base_opt = {
+        "state": {0: {"step": torch.tensor(5.0), "exp_avg": m_base.reshape(64, 64), "exp_avg_sq": v_base.reshape(64, 64)}},
+        "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}],
+    }
+    state = {"model": {"w": (base_w + step).reshape(64, 64)}, "optimizer": opt}
+    base = {"model": {"w": base_w.reshape(64, 64)}, "optimizer": base_opt}
+    return state, base
+
+
 def tensor_digest(t: torch.Tensor | np.ndarray) -> dict:
     """dtype, shape and SHA-256 of the little-endian bytes of a tensor or array."""
     if isinstance(t, np.ndarray):
@@ -161,26 +195,26 @@ def expected_digests(decoded: dict) -> dict:
     return out
 
 
-def _write_rans_golden(lctriton) -> None:
-    state, base = golden_rans_state()
-    compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **RANS_OPTIONS)
+def _write_codec_golden(lctriton, state_fn, options: dict, lct: pathlib.Path, js: pathlib.Path, codecs_pinned: str) -> None:
+    state, base = state_fn()
+    compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **options)
     data = compressed.to_bytes()
     decoded = lctriton.decompress(data, base=base)
     flat = lctriton.pipeline.flatten_tensors
     digests = {k: tensor_digest(v) for k, v in flat(decoded).items()}
     assert digests == {k: tensor_digest(v) for k, v in flat(reconstruction).items()}
-    GOLDEN_RANS_LCT.write_bytes(data)
+    lct.write_bytes(data)
     info = {
-        "comment": "Expected decode of golden_rans_v1.lct (see make_golden.py). Its bytes pin the "
-        "codecs lc/2, lq/1 and bp/1.",
+        "comment": f"Expected decode of {lct.name} (see make_golden.py). Its bytes pin the "
+        f"codecs {codecs_pinned}.",
         "format_version": "1.0",
         "nbytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "codecs": {rec["name"]: rec["codec"] for rec in compressed.index["tensors"]},
         "tensors": digests,
     }
-    GOLDEN_RANS_JSON.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {GOLDEN_RANS_LCT} ({len(data)} bytes) and {GOLDEN_RANS_JSON}")
+    js.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {lct} ({len(data)} bytes) and {js}")
 
 
 def main() -> int:
@@ -188,7 +222,12 @@ def main() -> int:
     import lctriton
 
     if "--rans" in sys.argv:
-        _write_rans_golden(lctriton)
+        _write_codec_golden(lctriton, golden_rans_state, RANS_OPTIONS, GOLDEN_RANS_LCT, GOLDEN_RANS_JSON,
+                            "lc/2, lq/1 and bp/1")
+        return 0
+    if "--context" in sys.argv:
+        _write_codec_golden(lctriton, golden_context_state, CONTEXT_OPTIONS, GOLDEN_CONTEXT_LCT,
+                            GOLDEN_CONTEXT_JSON, "lc/3")
         return 0
     state, base = golden_state()
     compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **OPTIONS)
