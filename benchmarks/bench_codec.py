@@ -97,8 +97,8 @@ def _record(benchmark, name, raw, sizes, errors, accs, original_accs, losses, or
     info["rel_l2_error_mean"] = float(np.mean([e[1] for e in errors]))
     info["restored_accuracy"] = accs
     info["original_accuracy"] = original_accs
-    info["max_accuracy_drop_points"] = max(o - a for a, o in zip(accs, original_accs))
-    info["max_accuracy_change_points"] = max(abs(o - a) for a, o in zip(accs, original_accs))
+    info["max_accuracy_drop_points"] = max(o - a for a, o in zip(accs, original_accs, strict=True))
+    info["max_accuracy_change_points"] = max(abs(o - a) for a, o in zip(accs, original_accs, strict=True))
     info["restored_loss"] = losses
     info["original_loss"] = original_losses
 
@@ -207,7 +207,7 @@ def test_compress_lc_checkpoint_052(benchmark, run):
     raw = _raw_nbytes(states[0])
     sizes, errors, accs, oaccs, losses, olosses = [], [], [], [], [], []
     restored = {k: v.clone() for k, v in states[0].items()}
-    pairs = list(zip(states[:-1], states[1:]))
+    pairs = list(zip(states[:-1], states[1:], strict=True))
     if smoke:
         pairs = pairs[-1:]
     for prev, cur in pairs:

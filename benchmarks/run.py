@@ -36,7 +36,7 @@ def _summary(data: dict) -> str:
         info = b.get("extra_info", {})
         acc = ""
         if "restored_accuracy" in info:
-            pairs = zip(info["restored_accuracy"], info["original_accuracy"])
+            pairs = zip(info["restored_accuracy"], info["original_accuracy"], strict=True)
             acc = ", ".join(f"{r:.2f}/{o:.2f}" for r, o in pairs)
         lines.append(
             f"| {b['name']} | {info.get('workload', '')} | {info.get('MB_per_s', float('nan')):.1f} | "
