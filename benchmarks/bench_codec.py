@@ -5,6 +5,9 @@ installed) a trajectory of consecutive model checkpoints is recorded, and the sa
 coded side by side, in one process:
 
 * ``lctriton``: closed-loop delta against the previous reconstruction (default settings);
+* ``lctriton`` on the training states of the same steps (model and Adam state together, as a
+  training checkpoint holds them), with the ratio counted over the weights' bytes: the same
+  reconstruction, coded by ``lc/3`` with contexts from the base's moments;
 * ``torch.save`` and ``torch.save`` + zstd-3 of each checkpoint;
 * ``lc_checkpoint`` 0.5.2 from PyPI on the flattened delta, as its README runs it (patched
   only to run, see ``benchmarks/peers.py``).
@@ -17,6 +20,7 @@ under ``benchmarks/results/``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -55,6 +59,25 @@ def run(request):
     factory, checkpoints, interval, warmup = WORKLOADS[name]
     work = factory(0)
     states = examples.trajectory(work, checkpoints, interval, warmup_steps=warmup)
+    return name, work, states
+
+
+@pytest.fixture(scope="module", params=list(WORKLOADS))
+def training_run(request):
+    """The trajectory of :func:`run` (same workload, seed and steps) with the optimizer's
+    state beside the weights at every checkpoint."""
+    name = request.param
+    if not _available(name):
+        pytest.skip(f"{name}: install the bench extras (make bench)")
+    factory, checkpoints, interval, warmup = WORKLOADS[name]
+    work = factory(0)
+    for _ in range(warmup):
+        work.train_step()
+    states = []
+    for i in range(checkpoints):
+        for _ in range(interval if i else 0):
+            work.train_step()
+        states.append(copy.deepcopy({"model": work.model.state_dict(), "optimizer": work.optimizer.state_dict()}))
     return name, work, states
 
 
@@ -134,6 +157,35 @@ def test_compress_lctriton(benchmark, run, bits):
                        kwargs={"base": last_base, "return_reconstruction": True, "bits": bits},
                        rounds=5, iterations=1, warmup_rounds=1)
     _mbps(benchmark, raw)
+
+
+@pytest.mark.benchmark(group="compress")
+@pytest.mark.parametrize("bits", [3, 2], ids=["bits3-default", "bits2"])
+def test_compress_lctriton_training_state(benchmark, training_run, bits):
+    """The chain of :func:`test_compress_lctriton` on whole training states: ratios and
+    errors over the weights alone (the reconstruction of the weights is the same)."""
+    name, work, states = training_run
+    raw = _raw_nbytes(states[0]["model"])
+    key, base = lctriton.compress(states[0], return_reconstruction=True)
+    sizes, errors, accs, oaccs, losses, olosses = [], [], [], [], [], []
+    codecs_used: set[str] = set()
+    for s in states[1:]:
+        c, recon = lctriton.compress(s, base=base, return_reconstruction=True, bits=bits)
+        tensors = lctriton.inspect(c)["tensors"]
+        sizes.append(sum(t["stored_nbytes"] for t in tensors if t["name"].startswith("model.")))
+        codecs_used |= {t["codec"] for t in tensors if t["name"].startswith("model.")}
+        restored = lctriton.decompress(c.to_bytes(), base=base)["model"]
+        errors.append(_errors(restored, s["model"]))
+        loss, acc = _accuracy(work, restored)
+        oloss, oacc = _accuracy(work, s["model"])
+        accs.append(acc), oaccs.append(oacc), losses.append(loss), olosses.append(oloss)
+        base = recon
+    _record(benchmark, name, raw, sizes, errors, accs, oaccs, losses, olosses)
+    benchmark.extra_info.update(bits=bits, weights_only_ratio=True, codecs=sorted(codecs_used))
+    benchmark.pedantic(lctriton.compress, args=(states[-1],), kwargs={"base": states[-2], "bits": bits},
+                       rounds=3, iterations=1, warmup_rounds=1)
+    # Speed over the whole state compressed (weights and optimizer), as the others count theirs.
+    _mbps(benchmark, sum(t.numel() * t.element_size() for t in lctriton.pipeline.iter_tensors(states[-1])))
 
 
 @pytest.mark.benchmark(group="decompress")
