@@ -223,10 +223,16 @@ def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tenso
     return rans_split_lanes(grid, items, chunk_symbols)
 
 
-def _flat_u8(t: torch.Tensor, label: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
-        raise TypeError(f"{label} must be a uint8 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    return t.detach().reshape(-1).cpu().contiguous()
+def _flat_u8_pair(contexts: object, values: object, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as flat contiguous CPU uint8 tensors of one length, or a TypeError/ValueError."""
+    flat = []
+    for name, t in (("contexts", contexts), (label, values)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be a uint8 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        flat.append(t.detach().reshape(-1).cpu().contiguous())
+    if flat[0].numel() != flat[1].numel():
+        raise ValueError(f"contexts and {label} differ in length: {flat[0].numel()} and {flat[1].numel()}")
+    return flat[0], flat[1]
 
 
 def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -248,41 +254,32 @@ def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) 
             count it elsewhere).
     """
     lib = _require()
-    ctx, sym = _flat_u8(contexts, "contexts"), _flat_u8(symbols, "symbols")
-    if ctx.numel() != sym.numel():
-        raise ValueError(f"contexts and symbols differ in length: {ctx.numel()} and {sym.numel()}")
+    ctx, sym = _flat_u8_pair(contexts, symbols, "symbols")
     joint = torch.zeros(NUM_CONTEXTS, nsym, dtype=torch.int64)
     if lib.lct_context_histogram(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), nsym, joint.data_ptr()):
         raise ValueError(f"a context is not below {NUM_CONTEXTS} or a symbol not below {nsym}")
     return joint
 
 
-def _run_starts(ctx: torch.Tensor) -> np.ndarray:
+def _by_context(loop: str, contexts: torch.Tensor, values: torch.Tensor, label: str) -> torch.Tensor:
+    """Run a grouping loop of the library: each context's run starts where the counts of the
+    contexts below it end."""
+    lib = _require()
+    ctx, vals = _flat_u8_pair(contexts, values, label)
     counts = np.bincount(ctx.numpy(), minlength=NUM_CONTEXTS)
     if counts.size > NUM_CONTEXTS:
         raise ValueError(f"contexts must be below {NUM_CONTEXTS}")
-    return (np.cumsum(counts) - counts).astype(np.int64)
+    start = (np.cumsum(counts) - counts).astype(np.int64)
+    out = torch.empty_like(vals)
+    getattr(lib, loop)(ctx.data_ptr(), vals.data_ptr(), ctx.numel(), _ptr(start), out.data_ptr())
+    return out
 
 
 def group_by_context(contexts: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
     """Same arguments and result as :func:`lctriton.kernels.reference.group_by_context`."""
-    lib = _require()
-    ctx, sym = _flat_u8(contexts, "contexts"), _flat_u8(symbols, "symbols")
-    if ctx.numel() != sym.numel():
-        raise ValueError(f"contexts and symbols differ in length: {ctx.numel()} and {sym.numel()}")
-    start = _run_starts(ctx)
-    out = torch.empty_like(sym)
-    lib.lct_group_by_context(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), _ptr(start), out.data_ptr())
-    return out
+    return _by_context("lct_group_by_context", contexts, symbols, "symbols")
 
 
 def ungroup_by_context(contexts: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
     """Same arguments and result as :func:`lctriton.kernels.reference.ungroup_by_context`."""
-    lib = _require()
-    ctx, sym = _flat_u8(contexts, "contexts"), _flat_u8(grouped, "grouped")
-    if ctx.numel() != sym.numel():
-        raise ValueError(f"contexts and grouped differ in length: {ctx.numel()} and {sym.numel()}")
-    start = _run_starts(ctx)
-    out = torch.empty_like(sym)
-    lib.lct_ungroup_by_context(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), _ptr(start), out.data_ptr())
-    return out
+    return _by_context("lct_ungroup_by_context", contexts, grouped, "grouped")
