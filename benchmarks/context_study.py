@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -123,15 +121,15 @@ def main() -> int:
         print(f"{r['workload']} K={r['steps_between']}: {b['h0']:.3f} bits/element with one table, "
               f"{b['h_sign']:.3f} given sign(m), {b['h_sign_ratio']:.3f} given sign(m) and |m|/sqrt(v)")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        from fidelity import machine_info  # the harness's record of platform, versions and commit
+
         out = HERE / "results" / f"{args.out}.json"
         out.write_text(json.dumps({
             "benchmark": "context_study",
             "command": "python3 benchmarks/context_study.py " + " ".join(
                 [f"--workload {args.workload}", "--between", *map(str, args.between), f"--bits {args.bits}",
                  f"--seed {args.seed}", f"--out {args.out}"]),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                        "commit": commit},
+            "machine": machine_info(),
             "wall_s": time.time() - started,
             "results": rows,
         }, indent=2) + "\n")

@@ -143,18 +143,43 @@ int lct_context_histogram(const uint8_t *ctx, const uint8_t *sym, int64_t n, int
     return 0;
 }
 
-/* Stable counting sort by context: start[c] is where context c's run begins (it is advanced
- * as the run fills). The caller has checked every context is below NUM_CONTEXTS and sized
- * the runs from their counts, so every write lands inside out. */
-void lct_group_by_context(const uint8_t *ctx, const uint8_t *sym, int64_t n, int64_t *start, uint8_t *out)
+/* Where each context's run starts in the grouped order (start[c] = the count of contexts
+ * below c), counting the contexts first. Returns -1 if a context is not below NUM_CONTEXTS. */
+static int context_runs(const uint8_t *ctx, int64_t n, int64_t *start)
 {
+    int64_t count[NUM_CONTEXTS] = {0};
+    for (int64_t i = 0; i < n; i++) {
+        if (ctx[i] >= NUM_CONTEXTS)
+            return -1;
+        count[ctx[i]]++;
+    }
+    int64_t at = 0;
+    for (int c = 0; c < NUM_CONTEXTS; c++) {
+        start[c] = at;
+        at += count[c];
+    }
+    return 0;
+}
+
+/* Stable counting sort of the symbols by context (reference.group_by_context). Returns -1,
+ * writing nothing, if a context is out of range. */
+int lct_group_by_context(const uint8_t *ctx, const uint8_t *sym, int64_t n, uint8_t *out)
+{
+    int64_t start[NUM_CONTEXTS];
+    if (context_runs(ctx, n, start))
+        return -1;
     for (int64_t i = 0; i < n; i++)
         out[start[ctx[i]]++] = sym[i];
+    return 0;
 }
 
 /* The inverse: each element takes the next symbol of its context's run. */
-void lct_ungroup_by_context(const uint8_t *ctx, const uint8_t *grouped, int64_t n, int64_t *start, uint8_t *out)
+int lct_ungroup_by_context(const uint8_t *ctx, const uint8_t *grouped, int64_t n, uint8_t *out)
 {
+    int64_t start[NUM_CONTEXTS];
+    if (context_runs(ctx, n, start))
+        return -1;
     for (int64_t i = 0; i < n; i++)
         out[i] = grouped[start[ctx[i]]++];
+    return 0;
 }

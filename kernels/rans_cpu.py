@@ -142,8 +142,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_context_histogram.restype = ctypes.c_int
     lib.lct_context_histogram.argtypes = [_PTR, _PTR, _I64, _I64, _PTR]
     for fn in (lib.lct_group_by_context, lib.lct_ungroup_by_context):
-        fn.restype = None
-        fn.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR]
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_PTR, _PTR, _I64, _PTR]
     return lib
 
 
@@ -262,16 +262,12 @@ def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) 
 
 
 def _by_context(loop: str, contexts: torch.Tensor, values: torch.Tensor, label: str) -> torch.Tensor:
-    """Run a grouping loop of the library: each context's run starts where the counts of the
-    contexts below it end."""
+    """Run a grouping loop of the library (it counts the contexts itself)."""
     lib = _require()
     ctx, vals = _flat_u8_pair(contexts, values, label)
-    counts = np.bincount(ctx.numpy(), minlength=NUM_CONTEXTS)
-    if counts.size > NUM_CONTEXTS:
-        raise ValueError(f"contexts must be below {NUM_CONTEXTS}")
-    start = (np.cumsum(counts) - counts).astype(np.int64)
     out = torch.empty_like(vals)
-    getattr(lib, loop)(ctx.data_ptr(), vals.data_ptr(), ctx.numel(), _ptr(start), out.data_ptr())
+    if getattr(lib, loop)(ctx.data_ptr(), vals.data_ptr(), ctx.numel(), out.data_ptr()):
+        raise ValueError(f"contexts must be below {NUM_CONTEXTS}")
     return out
 
 

@@ -97,8 +97,6 @@ LOSSY_CODECS = (LC, LC2, LC3, LQ)
 DELTA_CODECS = (LC, LC2, LC3, LQ, BP)
 #: Mantissa bits of an lq/1 bin: 2**precision bins per octave.
 MAX_LOG_PRECISION = 4
-#: Coders of the lossy codecs' symbols.
-CODERS = ("auto", "huffman", "rans", "context")
 #: With ``coder="auto"``, rANS is used where it saves at least this fraction of the Huffman
 #: payload: elsewhere Huffman is within a few percent of the entropy and codes faster.
 RANS_MIN_SAVING = 0.10
@@ -247,7 +245,8 @@ def _rans_bits(counts: np.ndarray, freqs: np.ndarray, nchunks: int) -> float:
 
 
 def choose_coder(counts: np.ndarray, lengths: np.ndarray, freqs: np.ndarray, nchunks: int, coder: str) -> str:
-    """``"huffman"`` or ``"rans"`` for a symbol histogram under ``coder`` (see :data:`CODERS`)."""
+    """``"huffman"`` or ``"rans"`` for a symbol histogram under ``coder`` (see
+    :data:`lctriton.config.CODERS`)."""
     if coder != "auto":
         return coder
     huff = _huffman_bits(counts, lengths, nchunks)

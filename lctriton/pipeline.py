@@ -449,7 +449,7 @@ def encode_states(
     def context_of(k: int, name: str, tensor: torch.Tensor):
         """The base's moments of parameter ``name``, for lc/3; None when the base lacks them."""
         names = moment_names[k].get(name)
-        if names is None or options.coder not in ("auto", "context"):
+        if names is None:
             return None
         pair = tuple((n, bases[k].get(n)) for n in names)
         if all(t is not None and t.is_floating_point() and t.numel() == tensor.numel() for _, t in pair):

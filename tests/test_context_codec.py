@@ -161,6 +161,10 @@ def _mlp_states(steps_between: int = 1):
     return first, second
 
 
+def _weight_bytes(c) -> int:
+    return sum(r["stored_nbytes"] for r in lctriton.inspect(c)["tensors"] if r["name"].startswith("model."))
+
+
 def _codecs_of(c) -> dict[str, str]:
     return {r["name"]: r["codec"] for r in c.index["tensors"]}
 
@@ -182,8 +186,7 @@ def test_context_coding_is_chosen_where_it_pays_and_decodes_bit_exactly(states):
         assert_bit_exact(restored["model"][k], v, k)
     plain = lctriton.compress(second, base=base, coder="rans")
     assert codecs.LC3 not in _codecs_of(plain).values()
-    weights = lambda c: sum(r["stored_nbytes"] for r in lctriton.inspect(c)["tensors"] if r["name"].startswith("model."))  # noqa: E731
-    assert weights(auto) < 0.8 * weights(plain)
+    assert _weight_bytes(auto) < 0.8 * _weight_bytes(plain)
     # The reconstruction is the same whatever the coder: lc/3 changes only the coding.
     _, recon_plain = lctriton.compress(second, base=base, coder="rans", return_reconstruction=True)
     for k, v in recon_plain["model"].items():
