@@ -1,4 +1,5 @@
-/* The rANS coder's chunk loops for CPU cores, compiled on first use by lctriton.kernels.rans_cpu.
+/* The rANS coder's chunk loops for CPU cores, with lc/3's context loops and the fingerprint's
+ * sums, compiled on first use by lctriton.kernels.rans_cpu.
  *
  * Same format, byte for byte, as lctriton.kernels.reference.rans_encode / rans_decode (the
  * specification; its docstring states the coder) and the Triton kernels in kernels/rans.py:
@@ -11,6 +12,7 @@
  * corrupt stream decodes to the same state and is rejected by the same final check.
  */
 #include <stdint.h>
+#include <string.h>
 
 #define PROB_BITS 12
 #define SLOT_MASK ((1u << PROB_BITS) - 1u)
@@ -131,33 +133,66 @@ void lct_moment_contexts(const uint32_t *m, const uint32_t *v, int64_t n, uint8_
     }
 }
 
-/* joint[ctx * nsym + sym] += 1 for every element (joint zeroed by the caller). Returns -1,
- * having counted nothing past the bad element, if a context or symbol is out of range. */
+/* joint[ctx * nsym + sym] += 1 for every element. `joint` holds LANES tables of
+ * NUM_CONTEXTS * nsym counts, zeroed by the caller, who adds them up: element i counts in
+ * table i % LANES. One table would make each increment wait for the previous one whenever
+ * neighbours share a (context, symbol) pair, which is most of them (an embedding's untouched
+ * rows: one context, symbol 0). Returns -1, having counted nothing past the bad element, if a
+ * context or symbol is out of range. */
+#define LANES 4 /* a power of two */
 int lct_context_histogram(const uint8_t *ctx, const uint8_t *sym, int64_t n, int64_t nsym, int64_t *joint)
 {
+    const int64_t table = NUM_CONTEXTS * nsym;
     for (int64_t i = 0; i < n; i++) {
         if (ctx[i] >= NUM_CONTEXTS || sym[i] >= nsym)
             return -1;
-        joint[ctx[i] * nsym + sym[i]]++;
+        joint[(i & (LANES - 1)) * table + ctx[i] * nsym + sym[i]]++;
     }
     return 0;
 }
 
 /* Where each context's run starts in the grouped order (start[c] = the count of contexts
- * below c), counting the contexts first. Returns -1 if a context is not below NUM_CONTEXTS. */
+ * below c), counting the contexts first (in LANES tables, as above). Returns -1 if a context
+ * is not below NUM_CONTEXTS. */
 static int context_runs(const uint8_t *ctx, int64_t n, int64_t *start)
 {
-    int64_t count[NUM_CONTEXTS] = {0};
+    int64_t count[LANES][NUM_CONTEXTS] = {{0}};
     for (int64_t i = 0; i < n; i++) {
         if (ctx[i] >= NUM_CONTEXTS)
             return -1;
-        count[ctx[i]]++;
+        count[i & (LANES - 1)][ctx[i]]++;
     }
     int64_t at = 0;
     for (int c = 0; c < NUM_CONTEXTS; c++) {
         start[c] = at;
-        at += count[c];
+        for (int l = 0; l < LANES; l++)
+            at += count[l][c];
     }
+    return 0;
+}
+
+/* Eight contexts at once: whether ctx[i..i+8) are all the same. Neighbours mostly share a
+ * context where a parameter had no gradient (an embedding's untouched rows), and one
+ * position counter bumped per element would make each store wait for the previous one; a
+ * uniform block moves with one bump. Elsewhere contexts vary and the per-element loop is as
+ * fast as it gets. */
+#define BLOCK 8
+static int uniform_block(const uint8_t *ctx)
+{
+    uint64_t word;
+    memcpy(&word, ctx, BLOCK);
+    return word == ctx[0] * 0x0101010101010101ull;
+}
+
+/* counts[c] = the number of elements of context c. Returns -1 if a context is not below
+ * NUM_CONTEXTS (counts is then undefined). */
+int lct_context_counts(const uint8_t *ctx, int64_t n, int64_t *counts)
+{
+    int64_t start[NUM_CONTEXTS];
+    if (context_runs(ctx, n, start))
+        return -1;
+    for (int c = 0; c < NUM_CONTEXTS; c++)
+        counts[c] = (c + 1 < NUM_CONTEXTS ? start[c + 1] : n) - start[c];
     return 0;
 }
 
@@ -168,7 +203,17 @@ int lct_group_by_context(const uint8_t *ctx, const uint8_t *sym, int64_t n, uint
     int64_t start[NUM_CONTEXTS];
     if (context_runs(ctx, n, start))
         return -1;
-    for (int64_t i = 0; i < n; i++)
+    int64_t i = 0;
+    for (; i + BLOCK <= n; i += BLOCK) {
+        if (uniform_block(ctx + i)) {
+            memcpy(out + start[ctx[i]], sym + i, BLOCK);
+            start[ctx[i]] += BLOCK;
+        } else {
+            for (int k = 0; k < BLOCK; k++)
+                out[start[ctx[i + k]]++] = sym[i + k];
+        }
+    }
+    for (; i < n; i++)
         out[start[ctx[i]]++] = sym[i];
     return 0;
 }
@@ -179,7 +224,65 @@ int lct_ungroup_by_context(const uint8_t *ctx, const uint8_t *grouped, int64_t n
     int64_t start[NUM_CONTEXTS];
     if (context_runs(ctx, n, start))
         return -1;
-    for (int64_t i = 0; i < n; i++)
+    int64_t i = 0;
+    for (; i + BLOCK <= n; i += BLOCK) {
+        if (uniform_block(ctx + i)) {
+            memcpy(out + i, grouped + start[ctx[i]], BLOCK);
+            start[ctx[i]] += BLOCK;
+        } else {
+            for (int k = 0; k < BLOCK; k++)
+                out[i + k] = grouped[start[ctx[i + k]]++];
+        }
+    }
+    for (; i < n; i++)
         out[i] = grouped[start[ctx[i]]++];
+    return 0;
+}
+
+/* reference.fingerprint's sums over n signed words of `width` bytes (1, 2, 4 or 8), laid out
+ * as rows of FINGERPRINT_ROW (the incomplete last row apart). sums[0]: the sum of all words;
+ * sums[1]: of row sums times row number (from 1); sums[2]: of column sums times column number;
+ * sums[3]: of the tail's words times their position. Every sum wraps modulo 2**64, as the
+ * reference's int64/uint64 numpy sums do. One pass: the column sums stay in cache. Returns -1
+ * for another width. */
+#define FINGERPRINT_ROW 1024
+#define FINGERPRINT_SUMS(T)                                                                   \
+    do {                                                                                      \
+        const T *w = (const T *)words;                                                        \
+        for (int64_t r = 0; r < rows; r++, w += FINGERPRINT_ROW) {                            \
+            uint64_t row = 0;                                                                 \
+            for (int j = 0; j < FINGERPRINT_ROW; j++) {                                       \
+                const uint64_t x = (uint64_t)(int64_t)w[j];                                   \
+                row += x;                                                                     \
+                col[j] += x;                                                                  \
+            }                                                                                 \
+            total += row;                                                                     \
+            row_mix += (uint64_t)(r + 1) * row;                                               \
+        }                                                                                     \
+        for (int64_t i = 0; i < n - rows * FINGERPRINT_ROW; i++) {                            \
+            const uint64_t x = (uint64_t)(int64_t)w[i];                                       \
+            total += x;                                                                       \
+            tail_mix += (uint64_t)(i + 1) * x;                                                \
+        }                                                                                     \
+    } while (0)
+
+int lct_fingerprint_sums(const void *words, int64_t n, int width, uint64_t *sums)
+{
+    uint64_t col[FINGERPRINT_ROW] = {0};
+    uint64_t total = 0, row_mix = 0, col_mix = 0, tail_mix = 0;
+    const int64_t rows = n / FINGERPRINT_ROW;
+    switch (width) {
+    case 1: FINGERPRINT_SUMS(int8_t); break;
+    case 2: FINGERPRINT_SUMS(int16_t); break;
+    case 4: FINGERPRINT_SUMS(int32_t); break;
+    case 8: FINGERPRINT_SUMS(int64_t); break;
+    default: return -1;
+    }
+    for (int j = 0; j < FINGERPRINT_ROW; j++)
+        col_mix += (uint64_t)(j + 1) * col[j];
+    sums[0] = total;
+    sums[1] = row_mix;
+    sums[2] = col_mix;
+    sums[3] = tail_mix;
     return 0;
 }

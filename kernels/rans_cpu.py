@@ -1,5 +1,5 @@
-"""The entropy stage on CPU cores: the reference's rANS chunk loops and lc/3 context loops,
-compiled from C.
+"""The entropy stage on CPU cores: the reference's rANS chunk loops, lc/3 context loops and
+fingerprint sums, compiled from C.
 
 Format: exactly :func:`lctriton.kernels.reference.rans_encode` /
 :func:`~lctriton.kernels.reference.rans_decode`, byte for byte (``tests/test_rans.py``
@@ -9,7 +9,9 @@ array passes per symbol. ``rans_cpu.c`` runs each chunk's loop as scalar code in
 few nanoseconds per symbol, which keeps the rANS coder close to the Huffman coder's speed
 on CPU. The lc/3 context stage (:func:`moment_contexts`, :func:`context_histogram`,
 :func:`group_by_context`, :func:`ungroup_by_context`) is one pass each, where the reference's
-torch twins take several (a stable sort among them). Argument checks and the lane layout are
+torch twins take several (a stable sort among them); so is :func:`fingerprint`, which every
+delta and every load computes for its bases (numpy takes two passes and a widening copy).
+Argument checks and the lane layout are
 the reference's own
 (:func:`~lctriton.kernels.reference.rans_encode_input`,
 :func:`~lctriton.kernels.reference.rans_lanes`), so both coders accept and reject the same
@@ -45,6 +47,8 @@ from lctriton.kernels.reference import (
     RANS_ZERO_FREQUENCY,
     RansStream,
     _check_context_pair,
+    fingerprint_hash,
+    fingerprint_words,
     rans_encode_input,
     rans_lanes,
     rans_split_lanes,
@@ -56,6 +60,8 @@ __all__ = [
     "rans_decode",
     "RansStream",
     "moment_contexts",
+    "context_counts",
+    "fingerprint",
     "context_histogram",
     "group_by_context",
     "ungroup_by_context",
@@ -69,6 +75,8 @@ CACHE_ENV = "LCTRITON_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("rans_cpu.c")
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99")
 _COMPILE_TIMEOUT_S = 120
+#: Tables ``lct_context_histogram`` counts into (its LANES): element ``i`` in table ``i % 4``.
+HISTOGRAM_LANES = 4
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -139,6 +147,10 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_rans_decode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
     lib.lct_moment_contexts.restype = None
     lib.lct_moment_contexts.argtypes = [_PTR, _PTR, _I64, _PTR]
+    lib.lct_fingerprint_sums.restype = ctypes.c_int
+    lib.lct_fingerprint_sums.argtypes = [_PTR, _I64, ctypes.c_int, _PTR]
+    lib.lct_context_counts.restype = ctypes.c_int
+    lib.lct_context_counts.argtypes = [_PTR, _I64, _PTR]
     lib.lct_context_histogram.restype = ctypes.c_int
     lib.lct_context_histogram.argtypes = [_PTR, _PTR, _I64, _I64, _PTR]
     for fn in (lib.lct_group_by_context, lib.lct_ungroup_by_context):
@@ -246,6 +258,21 @@ def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def context_counts(contexts: torch.Tensor) -> torch.Tensor:
+    """Same argument and result as :func:`lctriton.kernels.reference.context_counts`.
+
+    Raises:
+        ValueError: If a context is out of range (the reference's bincount would count it
+            in a longer result).
+    """
+    lib = _require()
+    ctx, _ = _flat_u8_pair(contexts, contexts, "contexts")
+    counts = torch.empty(NUM_CONTEXTS, dtype=torch.int64)
+    if lib.lct_context_counts(ctx.data_ptr(), ctx.numel(), counts.data_ptr()):
+        raise ValueError(f"contexts must be below {NUM_CONTEXTS}")
+    return counts
+
+
 def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) -> torch.Tensor:
     """Same arguments and result as :func:`lctriton.kernels.reference.context_histogram`.
 
@@ -255,10 +282,11 @@ def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) 
     """
     lib = _require()
     ctx, sym = _flat_u8_pair(contexts, symbols, "symbols")
-    joint = torch.zeros(NUM_CONTEXTS, nsym, dtype=torch.int64)
+    # One table per lane of the loop (HISTOGRAM_LANES), added up here.
+    joint = torch.zeros(HISTOGRAM_LANES, NUM_CONTEXTS, nsym, dtype=torch.int64)
     if lib.lct_context_histogram(ctx.data_ptr(), sym.data_ptr(), ctx.numel(), nsym, joint.data_ptr()):
         raise ValueError(f"a context is not below {NUM_CONTEXTS} or a symbol not below {nsym}")
-    return joint
+    return joint.sum(dim=0)
 
 
 def _by_context(loop: str, contexts: torch.Tensor, values: torch.Tensor, label: str) -> torch.Tensor:
@@ -279,3 +307,16 @@ def group_by_context(contexts: torch.Tensor, symbols: torch.Tensor) -> torch.Ten
 def ungroup_by_context(contexts: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
     """Same arguments and result as :func:`lctriton.kernels.reference.ungroup_by_context`."""
     return _by_context("lct_ungroup_by_context", contexts, grouped, "grouped")
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """Same argument and result as :func:`lctriton.kernels.reference.fingerprint`, for a CPU
+    tensor: the sums in one compiled pass."""
+    lib = _require()
+    words = fingerprint_words(tensor)
+    if words.device.type != "cpu":
+        raise ValueError(f"the compiled fingerprint reads CPU tensors, got one on {words.device}")
+    sums = (ctypes.c_uint64 * 4)()
+    if lib.lct_fingerprint_sums(words.data_ptr(), words.numel(), words.element_size(), sums):
+        raise ValueError(f"no fingerprint for words of {words.element_size()} bytes")
+    return fingerprint_hash(*sums, words.numel(), tensor.dtype)

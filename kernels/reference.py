@@ -81,6 +81,7 @@ __all__ = [
     "CONTEXT_OCTAVES",
     "NUM_CONTEXTS",
     "moment_contexts",
+    "context_counts",
     "context_histogram",
     "group_by_context",
     "ungroup_by_context",
@@ -189,15 +190,27 @@ def fingerprint(tensor: torch.Tensor) -> int:
     Returns:
         The fingerprint as an unsigned 64-bit Python int.
     """
+    words = fingerprint_words(tensor)
+    if words.device.type == "cpu":
+        sums = _fingerprint_sums_numpy(words.numpy())
+    else:  # integer sums on the device: exact, so equal to the numpy ones
+        sums = _fingerprint_sums_torch(words)
+    return fingerprint_hash(*sums, tensor.dtype)
+
+
+def fingerprint_words(tensor: torch.Tensor) -> torch.Tensor:
+    """The flat signed-integer words :func:`fingerprint` sums (a view where the tensor is
+    contiguous)."""
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    words = flat.view(_INT_VIEW[min(flat.element_size(), 8)])
-    if words.device.type == "cpu":
-        total, row_mix, col_mix, tail_mix, n = _fingerprint_sums_numpy(words.numpy())
-    else:  # integer sums on the device: exact, so equal to the numpy ones
-        total, row_mix, col_mix, tail_mix, n = _fingerprint_sums_torch(words)
-    dtype_code = int.from_bytes(str(tensor.dtype).encode()[-8:].rjust(8, b"\0"), "little")
+    return flat.view(_INT_VIEW[min(flat.element_size(), 8)])
+
+
+def fingerprint_hash(total: int, row_mix: int, col_mix: int, tail_mix: int, n: int, dtype: torch.dtype) -> int:
+    """:func:`fingerprint` from the sums of its words (each modulo 2**64), their count and the
+    tensor's dtype."""
+    dtype_code = int.from_bytes(str(dtype).encode()[-8:].rjust(8, b"\0"), "little")
     h = _mix64(total)
     for part in (row_mix, col_mix, tail_mix, n, dtype_code):
         h = _mix64(h ^ part)
@@ -1304,6 +1317,11 @@ def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     octave = (((m >> 23) & 0xFF) - ((exp_v + 1) >> 1) - 63).clamp_(-8, CONTEXT_OCTAVES - 9).add_(8)
     sign = (m >= 0).to(torch.int32).masked_fill_((m & 0x7FFFFFFF) == 0, 2)
     return (sign * CONTEXT_OCTAVES + octave).to(torch.uint8)
+
+
+def context_counts(contexts: torch.Tensor) -> torch.Tensor:
+    """int64 ``[NUM_CONTEXTS]``: how many elements each context has."""
+    return torch.bincount(contexts.reshape(-1), minlength=NUM_CONTEXTS)
 
 
 def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) -> torch.Tensor:

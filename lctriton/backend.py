@@ -34,6 +34,7 @@ __all__ = [
     "rans_encode",
     "rans_decode",
     "moment_contexts",
+    "context_counts",
     "context_histogram",
     "group_by_context",
     "ungroup_by_context",
@@ -160,6 +161,11 @@ def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return _context_module(first.device).moment_contexts(first, second)
 
 
+def context_counts(contexts: torch.Tensor) -> torch.Tensor:
+    """Elements per context (see ``reference.context_counts``)."""
+    return _context_module(contexts.device).context_counts(contexts)
+
+
 def context_histogram(contexts: torch.Tensor, symbols: torch.Tensor, nsym: int) -> torch.Tensor:
     """Symbol counts per context (see ``reference.context_histogram``)."""
     return _context_module(contexts.device).context_histogram(contexts, symbols, nsym)
@@ -186,5 +192,9 @@ def dequantize_groups(codes, low, step, bits: int, group_size: int, numel: int, 
 
 
 def fingerprint(tensor: torch.Tensor) -> int:
-    """Fingerprint on the tensor's backend (see ``reference.fingerprint``)."""
-    return choose(tensor.device).fingerprint(tensor)
+    """Fingerprint on the tensor's backend (see ``reference.fingerprint``); on CPU, the
+    compiled sums where they build."""
+    module = choose(tensor.device)
+    if module is reference and tensor.device.type == "cpu":
+        module = _cpu_rans()
+    return module.fingerprint(tensor)

@@ -749,7 +749,7 @@ def _context_of(rec: dict, name: str, numel: int, base_tensors: dict[str, torch.
             raise FormatError(f"tensor {name!r}: its context {ref['name']!r} is not a floating tensor of {numel} elements")
         moments.append(t.to(dev))
     contexts = backend.moment_contexts(*moments)
-    counts = torch.bincount(contexts.to(torch.int64), minlength=codecs.NUM_CONTEXTS).cpu().tolist()
+    counts = backend.context_counts(contexts).cpu().tolist()
     if counts != [table["count"] for table in rec["tables"]]:
         raise FormatError(f"tensor {name!r}: its context tables do not count the base moments' contexts")
     return contexts

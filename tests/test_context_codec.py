@@ -60,13 +60,26 @@ def test_compiled_contexts_match_reference(dtype):
     assert torch.equal(rans_cpu.moment_contexts(m.to(dtype), v.to(dtype)), reference.moment_contexts(m.to(dtype), v.to(dtype)))
 
 
-@needs_compiled
-@pytest.mark.parametrize("n", [0, 1, 97, 4096, 100_003])
-def test_compiled_grouping_matches_reference(n):
+def _grouping_input(n: int, runs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts from random moments, or in runs of 1 to 40 equal contexts (a parameter whose
+    moments are mostly zero: the compiled loops move uniform blocks of eight at once), and
+    random symbols."""
     g = torch.Generator().manual_seed(n)
-    m, v = torch.randn(n, generator=g), torch.rand(n, generator=g)
-    ctx = reference.moment_contexts(m, v)
-    sym = torch.randint(0, 5, (n,), dtype=torch.uint8, generator=g)
+    if runs:
+        lengths = torch.randint(1, 41, (n // 10 + 8,), generator=g)  # about 2n elements
+        values = torch.randint(0, reference.NUM_CONTEXTS, (lengths.numel(),), dtype=torch.uint8, generator=g)
+        ctx = torch.repeat_interleave(values, lengths)[:n].contiguous()
+    else:
+        ctx = reference.moment_contexts(torch.randn(n, generator=g), torch.rand(n, generator=g))
+    return ctx, torch.randint(0, 5, (n,), dtype=torch.uint8, generator=g)
+
+
+@needs_compiled
+@pytest.mark.parametrize("runs", [False, True], ids=["scattered", "runs"])
+@pytest.mark.parametrize("n", [0, 1, 7, 97, 4096, 100_003])
+def test_compiled_grouping_matches_reference(n, runs):
+    ctx, sym = _grouping_input(n, runs)
+    assert torch.equal(rans_cpu.context_counts(ctx), reference.context_counts(ctx))
     assert torch.equal(rans_cpu.context_histogram(ctx, sym, 5), reference.context_histogram(ctx, sym, 5))
     grouped = reference.group_by_context(ctx, sym)
     assert torch.equal(rans_cpu.group_by_context(ctx, sym), grouped)
@@ -75,6 +88,7 @@ def test_compiled_grouping_matches_reference(n):
     # Grouped: contexts in increasing order, each run in index order (a stable sort).
     order = np.argsort(ctx.numpy(), kind="stable")
     assert torch.equal(grouped, sym[torch.from_numpy(order)])
+    assert reference.context_counts(ctx).tolist() == np.bincount(ctx.numpy(), minlength=reference.NUM_CONTEXTS).tolist()
 
 
 @needs_compiled
@@ -85,6 +99,8 @@ def test_compiled_context_stage_rejects_out_of_range_input():
         rans_cpu.context_histogram(ctx, sym, 2)
     with pytest.raises(ValueError, match="below 48"):
         rans_cpu.group_by_context(ctx, sym)
+    with pytest.raises(ValueError, match="below 48"):
+        rans_cpu.context_counts(ctx)
     with pytest.raises(ValueError, match="below 48"):
         rans_cpu.ungroup_by_context(ctx, sym)
     with pytest.raises(ValueError, match="not below 1"):
@@ -268,3 +284,4 @@ def test_gpu_context_stage_matches_cpu():
     assert torch.equal(reference.group_by_context(ctx.cuda(), sym.cuda()).cpu(), grouped)
     assert torch.equal(reference.ungroup_by_context(ctx.cuda(), grouped.cuda()).cpu(), sym)
     assert torch.equal(reference.context_histogram(ctx.cuda(), sym.cuda(), 7).cpu(), reference.context_histogram(ctx, sym, 7))
+    assert torch.equal(reference.context_counts(ctx.cuda()).cpu(), reference.context_counts(ctx))

@@ -389,6 +389,32 @@ def test_backend_codes_cpu_streams_compiled_unless_reference_is_forced(monkeypat
     assert calls == ["lctriton.kernels.reference"] * 2
 
 
+@needs_compiled
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 3 * 1024 + 17, 1 << 20])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int64, torch.bool, torch.complex128]
+)
+def test_compiled_fingerprint_matches_reference(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 1e4).to(dtype) if dtype != torch.bool else torch.rand(n, generator=g) > 0.5
+    assert rans_cpu.fingerprint(x) == reference.fingerprint(x)
+    if n > 1:  # a strided view is read as its contiguous copy
+        assert rans_cpu.fingerprint(x[::2]) == reference.fingerprint(x[::2].clone())
+
+
+@needs_compiled
+def test_backend_fingerprints_cpu_tensors_compiled_unless_reference_is_forced(monkeypatch):
+    x = torch.randn(5000)
+    calls = []
+    for module in (rans_cpu, reference):
+        real = module.fingerprint
+        monkeypatch.setattr(module, "fingerprint", lambda t, _r=real, _m=module.__name__: calls.append(_m) or _r(t))
+    first = backend.fingerprint(x)
+    monkeypatch.setenv(backend.BACKEND_ENV, "reference")
+    assert backend.fingerprint(x) == first
+    assert calls == ["lctriton.kernels.rans_cpu", "lctriton.kernels.reference"]
+
+
 def test_compiled_coder_builds_into_its_cache_and_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog):
     if rans_cpu._compiler() is None:
         pytest.skip("no C compiler on this machine")
