@@ -286,3 +286,72 @@ int lct_fingerprint_sums(const void *words, int64_t n, int width, uint64_t *sums
     sums[3] = tail_mix;
     return 0;
 }
+
+/* lq/1 on float32 tensors (reference.lq_symbols / lq_reconstruct, which state the codec).
+ * Values travel as their bit patterns; the prediction is one IEEE single multiply, as
+ * numpy's float32 multiply, so every element gets the reference's bits (this file is
+ * compiled as ISO C, which keeps a multiply a multiply). */
+#define FINE_SHIFT 19
+#define NONFINITE(u) (((u) & 0x7F800000u) == 0x7F800000u)
+#define NONFINITE_FINE_KEY (0xFFu << 4)
+
+static uint32_t fine_key(uint32_t u)
+{
+    return NONFINITE(u) ? NONFINITE_FINE_KEY : u >> FINE_SHIFT;
+}
+
+static uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The prediction round(base * scale), the base itself where it is not finite. */
+static uint32_t lq_prediction(uint32_t b, float scale)
+{
+    return NONFINITE(b) ? b : float_bits(bits_float(b) * scale);
+}
+
+/* Symbols and reconstruction of n values x against base (NULL: none). lut: a symbol for
+ * each of the 8192 fine keys; reps: nreps >= 1 values (a symbol past the end takes the
+ * last, as numpy's clipping take). Returns 1 if the reconstruction holds a non-finite
+ * value, else 0. */
+int lct_lq_symbols_f32(const uint32_t *x, const uint32_t *base, float scale, const uint8_t *lut,
+                       const uint32_t *reps, int64_t nreps, int64_t n, uint8_t *sym, uint32_t *out)
+{
+    uint32_t nonfinite = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t s = lut[fine_key(x[i])];
+        uint32_t r = reps[s < nreps ? s : nreps - 1];
+        if (base) {
+            /* Selects rather than branches: a prediction hits or misses at random. */
+            const uint32_t p = lq_prediction(base[i], scale);
+            const uint32_t hit = lut[fine_key(p)] == s;
+            s = (uint8_t)(hit ? 0 : s);
+            r = hit ? p : r;
+        }
+        sym[i] = s;
+        out[i] = r;
+        nonfinite |= NONFINITE(r);
+    }
+    return nonfinite != 0;
+}
+
+/* The decoder's side: the prediction for symbol 0 (where there is a base), else the symbol's
+ * value. */
+void lct_lq_reconstruct_f32(const uint8_t *sym, const uint32_t *reps, int64_t nreps,
+                            const uint32_t *base, float scale, int64_t n, uint32_t *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t s = sym[i];
+        out[i] = (base && s == 0) ? lq_prediction(base[i], scale) : reps[s < nreps ? s : nreps - 1];
+    }
+}

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lctriton.kernels import reference
 from lctriton.kernels.reference import (
     NUM_CONTEXTS,
     RANS_CORRUPT,
@@ -49,6 +50,7 @@ from lctriton.kernels.reference import (
     _check_context_pair,
     fingerprint_hash,
     fingerprint_words,
+    lq_tables,
     rans_encode_input,
     rans_lanes,
     rans_split_lanes,
@@ -62,6 +64,8 @@ __all__ = [
     "moment_contexts",
     "context_counts",
     "fingerprint",
+    "lq_symbols",
+    "lq_reconstruct",
     "context_histogram",
     "group_by_context",
     "ungroup_by_context",
@@ -147,6 +151,10 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_rans_decode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
     lib.lct_moment_contexts.restype = None
     lib.lct_moment_contexts.argtypes = [_PTR, _PTR, _I64, _PTR]
+    lib.lct_lq_symbols_f32.restype = ctypes.c_int
+    lib.lct_lq_symbols_f32.argtypes = [_PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
+    lib.lct_lq_reconstruct_f32.restype = None
+    lib.lct_lq_reconstruct_f32.argtypes = [_PTR, _PTR, _I64, _PTR, ctypes.c_float, _I64, _PTR]
     lib.lct_fingerprint_sums.restype = ctypes.c_int
     lib.lct_fingerprint_sums.argtypes = [_PTR, _I64, ctypes.c_int, _PTR]
     lib.lct_context_counts.restype = ctypes.c_int
@@ -320,3 +328,54 @@ def fingerprint(tensor: torch.Tensor) -> int:
     if lib.lct_fingerprint_sums(words.data_ptr(), words.numel(), words.element_size(), sums):
         raise ValueError(f"no fingerprint for words of {words.element_size()} bytes")
     return fingerprint_hash(*sums, words.numel(), tensor.dtype)
+
+
+def _flat_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().reshape(-1).cpu().contiguous()
+
+
+def lq_symbols(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    scale: float,
+    key_to_symbol: torch.Tensor,
+    representatives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Same arguments, result and errors as :func:`lctriton.kernels.reference.lq_symbols`:
+    one compiled pass for float32 tensors (optimizer moments), the reference for other dtypes."""
+    lut, reps = lq_tables(x, base, key_to_symbol, representatives)
+    if x.dtype != torch.float32 or reps.size == 0:
+        return reference.lq_symbols(x, base, scale, key_to_symbol, representatives)
+    lib = _require()
+    xs, bs = _flat_cpu(x), _flat_cpu(base)
+    lut = np.ascontiguousarray(lut)
+    symbols = torch.empty(xs.numel(), dtype=torch.uint8)
+    out = torch.empty(xs.numel(), dtype=torch.float32)
+    nonfinite = lib.lct_lq_symbols_f32(
+        xs.data_ptr(), None if bs is None else bs.data_ptr(), float(np.float32(scale)),
+        lut.ctypes.data, reps.ctypes.data, reps.size, xs.numel(), symbols.data_ptr(), out.data_ptr(),
+    )
+    return symbols, out, bool(nonfinite)
+
+
+def lq_reconstruct(
+    symbols: torch.Tensor | np.ndarray,
+    representatives: torch.Tensor | np.ndarray,
+    base: torch.Tensor | None,
+    scale: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.lq_reconstruct`:
+    compiled for float32, the reference for other dtypes."""
+    reps = reference._as_numpy(representatives, np.float32)
+    sym = torch.from_numpy(np.ascontiguousarray(reference._as_numpy(symbols, np.uint8)))
+    bs = _flat_cpu(base)
+    if dtype != torch.float32 or reps.size == 0 or (bs is not None and (bs.dtype != dtype or bs.numel() != sym.numel())):
+        return reference.lq_reconstruct(symbols, representatives, base, scale, dtype)
+    lib = _require()
+    out = torch.empty(sym.numel(), dtype=torch.float32)
+    lib.lct_lq_reconstruct_f32(
+        sym.data_ptr(), np.ascontiguousarray(reps).ctypes.data, reps.size,
+        None if bs is None else bs.data_ptr(), float(np.float32(scale)), sym.numel(), out.data_ptr(),
+    )
+    return out

@@ -434,6 +434,19 @@ def _lq_block(
     return sym
 
 
+def lq_tables(
+    x: torch.Tensor, base: torch.Tensor | None, key_to_symbol: torch.Tensor, representatives: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lq_symbols`'s argument checks; its tables as numpy arrays (uint8, float32)."""
+    _check_lossy(x, base)
+    if key_to_symbol.numel() != NUM_FINE_KEYS:
+        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
+    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
+    if not lut.all():
+        raise ValueError("key_to_symbol must map every fine key to a symbol of 1 or more")
+    return lut, representatives.cpu().numpy().astype(np.float32).reshape(-1)
+
+
 def lq_symbols(
     x: torch.Tensor,
     base: torch.Tensor | None,
@@ -468,13 +481,7 @@ def lq_symbols(
         TypeError: If ``x`` or ``base`` is not a tensor of a supported dtype.
         ValueError: If shapes or table sizes are wrong.
     """
-    _check_lossy(x, base)
-    if key_to_symbol.numel() != NUM_FINE_KEYS:
-        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
-    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
-    if not lut.all():
-        raise ValueError("key_to_symbol must map every fine key to a symbol of 1 or more")
-    reps = representatives.cpu().numpy().astype(np.float32)
+    lut, reps = lq_tables(x, base, key_to_symbol, representatives)
     symbols, add = _collector(x.numel())
 
     def block(xb: np.ndarray, bb: np.ndarray | None, out: np.ndarray) -> np.ndarray:

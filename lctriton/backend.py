@@ -94,6 +94,15 @@ def _cpu_rans() -> ModuleType:
     return reference
 
 
+def _cpu_compiled(device: torch.device | str) -> ModuleType:
+    """``device``'s backend, with the compiled CPU loops standing in for the reference's numpy
+    ones on CPU (where they build and the reference is not forced)."""
+    module = choose(device)
+    if module is reference and torch.device(device).type == "cpu":
+        return _cpu_rans()
+    return module
+
+
 def threads_allowed(device: torch.device | str) -> bool:
     """Whether tensors on ``device`` may be coded from several threads at once: true for the
     reference codec; Triton's CPU interpreter patches the language globally while it runs."""
@@ -126,13 +135,15 @@ def lc_reconstruct(symbols, representatives, base, dtype):
 
 
 def lq_symbols(x, base, scale, key_to_symbol, representatives):
-    """The lq/1 pass on the backend of ``x``'s device (see ``reference.lq_symbols``)."""
-    return choose(x.device).lq_symbols(x, base, scale, key_to_symbol, representatives)
+    """The lq/1 pass on the backend of ``x``'s device (see ``reference.lq_symbols``); on CPU,
+    compiled for float32 where it builds."""
+    return _cpu_compiled(x.device).lq_symbols(x, base, scale, key_to_symbol, representatives)
 
 
 def lq_reconstruct(symbols, representatives, base, scale, dtype):
-    """lq/1 decode on the backend of ``symbols``' device (see ``reference.lq_reconstruct``)."""
-    return choose(symbols.device).lq_reconstruct(symbols, representatives, base, scale, dtype)
+    """lq/1 decode on the backend of ``symbols``' device (see ``reference.lq_reconstruct``); on
+    CPU, compiled for float32 where it builds."""
+    return _cpu_compiled(symbols.device).lq_reconstruct(symbols, representatives, base, scale, dtype)
 
 
 def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int):
@@ -194,7 +205,4 @@ def dequantize_groups(codes, low, step, bits: int, group_size: int, numel: int, 
 def fingerprint(tensor: torch.Tensor) -> int:
     """Fingerprint on the tensor's backend (see ``reference.fingerprint``); on CPU, the
     compiled sums where they build."""
-    module = choose(tensor.device)
-    if module is reference and tensor.device.type == "cpu":
-        module = _cpu_rans()
-    return module.fingerprint(tensor)
+    return _cpu_compiled(tensor.device).fingerprint(tensor)

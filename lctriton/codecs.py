@@ -643,7 +643,7 @@ def encode_lq(
         symbols, recon, nonfinite = backend.lq_symbols(
             x, b, scale, torch.from_numpy(plan.key_to_symbol).to(dev), torch.from_numpy(reps).to(dev)
         )
-        counts = torch.bincount(symbols.to(torch.int64), minlength=reps.size).cpu().numpy()
+        counts = torch.bincount(symbols, minlength=reps.size).cpu().numpy()
     freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
     del symbols
     (chunk_part, stream_part), ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])

@@ -300,7 +300,10 @@ def test_gpu_files_load_on_cpu_and_back():
 
 # --------------------------------------------------------------------------- rANS-coded codecs
 
-from lctriton.kernels import logquant  # noqa: E402
+from lctriton.kernels import logquant, rans_cpu  # noqa: E402
+
+#: lq/1's twins of the reference: the Triton kernels and, where it builds, the compiled CPU pass.
+LQ_TWINS = [logquant] + ([rans_cpu] if rans_cpu.available() else [])
 
 
 def _moment_pair(n, dtype, seed=0):
@@ -331,12 +334,13 @@ def test_lq_symbols_and_reconstruct_match_reference(dtype, n, with_base):
     plan = codecs.plan_log_buckets(reference.lc_histogram(x, None).numpy(), 1)
     lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
     want = reference.lq_symbols(x, b, 0.999, lut, reps)
-    _assert_same(logquant.lq_symbols(x, b, 0.999, lut, reps), want, "lq_symbols")
-    _assert_same(
-        [logquant.lq_reconstruct(want[0], reps, b, 0.999, dtype)],
-        [reference.lq_reconstruct(want[0], reps, b, 0.999, dtype)],
-        "lq_reconstruct",
-    )
+    for twin in LQ_TWINS:
+        _assert_same(twin.lq_symbols(x, b, 0.999, lut, reps), want, f"{twin.__name__}.lq_symbols")
+        _assert_same(
+            [twin.lq_reconstruct(want[0], reps, b, 0.999, dtype)],
+            [reference.lq_reconstruct(want[0], reps, b, 0.999, dtype)],
+            f"{twin.__name__}.lq_reconstruct",
+        )
     # The decoder restores exactly what the encoder reconstructed.
     assert_bit_exact(reference.lq_reconstruct(want[0], reps, b, 0.999, dtype), want[1], "lq round trip")
 
@@ -348,12 +352,13 @@ def test_lq_special_values(dtype):
     lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
     for scale in (1.0, 0.9, 0.5):
         want = reference.lq_symbols(x, base, scale, lut, reps)
-        _assert_same(logquant.lq_symbols(x, base, scale, lut, reps), want, "lq special")
-        _assert_same(
-            [logquant.lq_reconstruct(want[0], reps, base, scale, dtype)],
-            [reference.lq_reconstruct(want[0], reps, base, scale, dtype)],
-            "lq special reconstruct",
-        )
+        for twin in LQ_TWINS:
+            _assert_same(twin.lq_symbols(x, base, scale, lut, reps), want, f"{twin.__name__} lq special")
+            _assert_same(
+                [twin.lq_reconstruct(want[0], reps, base, scale, dtype)],
+                [reference.lq_reconstruct(want[0], reps, base, scale, dtype)],
+                f"{twin.__name__} lq special reconstruct",
+            )
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -374,5 +379,26 @@ def test_lq_rejects_a_table_with_symbol_zero():
     lut = torch.zeros(reference.NUM_FINE_KEYS, dtype=torch.uint8)
     with pytest.raises(ValueError, match="symbol of 1 or more"):
         reference.lq_symbols(x, base, 1.0, lut, torch.zeros(2))
-    with pytest.raises(ValueError, match="symbol of 1 or more"):
-        logquant.lq_symbols(x, base, 1.0, lut, torch.zeros(2))
+    for twin in LQ_TWINS:
+        with pytest.raises(ValueError, match="symbol of 1 or more"):
+            twin.lq_symbols(x, base, 1.0, lut, torch.zeros(2))
+
+
+@pytest.mark.skipif(not rans_cpu.available(), reason="no C compiler to build the CPU loops")
+@pytest.mark.parametrize("precision", [0, 2, 4])
+def test_compiled_lq_matches_reference_on_a_million_moments(precision):
+    """Past the reference's block size, with a tiny scale (predictions underflow to
+    subnormals and zero) and one that overflows, and with a representative table shorter
+    than the symbols (a clipped take)."""
+    x, base = _moment_pair(1_000_003, torch.float32, seed=precision)
+    x[::1000] = -x[::1000]
+    plan = codecs.plan_log_buckets(reference.lc_histogram(x, None).numpy(), precision)
+    lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
+    for scale, table in ((0.999, reps), (1e-30, reps), (3e38, reps), (0.5, reps[:3])):
+        want = reference.lq_symbols(x, base, scale, lut, table)
+        _assert_same(rans_cpu.lq_symbols(x, base, scale, lut, table), want, f"lq_symbols at {scale}")
+        _assert_same(
+            [rans_cpu.lq_reconstruct(want[0], table, base, scale, torch.float32)],
+            [reference.lq_reconstruct(want[0], table, base, scale, torch.float32)],
+            f"lq_reconstruct at {scale}",
+        )
