@@ -133,6 +133,18 @@ void lct_moment_contexts(const uint32_t *m, const uint32_t *v, int64_t n, uint8_
     }
 }
 
+/* lq/2's context of each element from its base's float32 bit patterns: 0 where the
+ * exponent field E is 0, else clamp(E - offset, -7, 7) + 8. */
+void lct_binade_contexts(const uint32_t *base, int64_t n, int32_t offset, uint8_t *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t exponent = (int32_t)((base[i] >> 23) & 0xFFu);
+        int32_t binade = exponent - offset;
+        binade = binade < -7 ? -7 : (binade > 7 ? 7 : binade);
+        out[i] = (uint8_t)(exponent == 0 ? 0 : binade + 8);
+    }
+}
+
 /* joint[ctx * nsym + sym] += 1 for every element. `joint` holds LANES tables of
  * NUM_CONTEXTS * nsym counts, zeroed by the caller, who adds them up: element i counts in
  * table i % LANES. One table would make each increment wait for the previous one whenever

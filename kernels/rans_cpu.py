@@ -47,6 +47,7 @@ from lctriton.kernels.reference import (
     RANS_CORRUPT,
     RANS_ZERO_FREQUENCY,
     RansStream,
+    _check_binade_input,
     _check_context_pair,
     fingerprint_hash,
     fingerprint_words,
@@ -62,6 +63,7 @@ __all__ = [
     "rans_decode",
     "RansStream",
     "moment_contexts",
+    "binade_contexts",
     "context_counts",
     "fingerprint",
     "lq_symbols",
@@ -157,6 +159,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_lq_reconstruct_f32.argtypes = [_PTR, _PTR, _I64, _PTR, ctypes.c_float, _I64, _PTR]
     lib.lct_fingerprint_sums.restype = ctypes.c_int
     lib.lct_fingerprint_sums.argtypes = [_PTR, _I64, ctypes.c_int, _PTR]
+    lib.lct_binade_contexts.restype = None
+    lib.lct_binade_contexts.argtypes = [_PTR, _I64, ctypes.c_int32, _PTR]
     lib.lct_context_counts.restype = ctypes.c_int
     lib.lct_context_counts.argtypes = [_PTR, _I64, _PTR]
     lib.lct_context_histogram.restype = ctypes.c_int
@@ -263,6 +267,17 @@ def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     v = second.detach().reshape(-1).cpu().to(torch.float32).contiguous()
     out = torch.empty(m.numel(), dtype=torch.uint8)
     lib.lct_moment_contexts(m.data_ptr(), v.data_ptr(), m.numel(), out.data_ptr())
+    return out
+
+
+def binade_contexts(base: torch.Tensor, offset: int) -> torch.Tensor:
+    """Same arguments, result and errors as :func:`lctriton.kernels.reference.binade_contexts`
+    (on CPU)."""
+    lib = _require()
+    _check_binade_input(base, offset)
+    b = base.detach().reshape(-1).cpu().to(torch.float32).contiguous()
+    out = torch.empty(b.numel(), dtype=torch.uint8)
+    lib.lct_binade_contexts(b.data_ptr(), b.numel(), offset, out.data_ptr())
     return out
 
 

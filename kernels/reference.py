@@ -81,6 +81,9 @@ __all__ = [
     "CONTEXT_OCTAVES",
     "NUM_CONTEXTS",
     "moment_contexts",
+    "NUM_BINADE_CONTEXTS",
+    "MAX_BINADE_OFFSET",
+    "binade_contexts",
     "context_counts",
     "context_histogram",
     "group_by_context",
@@ -1280,12 +1283,12 @@ def rans_split_lanes(grid: np.ndarray, items: list[RansStream], chunk_symbols: i
     return out
 
 
-# --------------------------------------------------------------------------- lc/3 contexts
+# --------------------------------------------------------------------------- lc/3 and lq/2 contexts
 #
 # lc/3 groups a delta's symbols by a context read from the base's Adam moments of the same
-# parameter and codes each group as its own rANS stream. These twins are plain torch (they
-# run as they are on a GPU); ``lctriton.kernels.rans_cpu`` has the same loops compiled for
-# CPU cores.
+# parameter and codes each group as its own rANS stream; lq/2 does the same for a moment's
+# lq/1 symbols, by the binade of the moment's base. These twins are plain torch (they run as they
+# are on a GPU); ``lctriton.kernels.rans_cpu`` has the same loops compiled for CPU cores.
 
 #: Octaves of ``|m| / sqrt(v)`` a context tells apart; contexts: 3 signs of ``m`` x octaves.
 CONTEXT_OCTAVES = 16
@@ -1324,6 +1327,46 @@ def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     octave = (((m >> 23) & 0xFF) - ((exp_v + 1) >> 1) - 63).clamp_(-8, CONTEXT_OCTAVES - 9).add_(8)
     sign = (m >= 0).to(torch.int32).masked_fill_((m & 0x7FFFFFFF) == 0, 2)
     return (sign * CONTEXT_OCTAVES + octave).to(torch.uint8)
+
+
+#: Contexts of ``lq/2`` (:func:`binade_contexts`): 0 for a zero base, then 15 binades.
+NUM_BINADE_CONTEXTS = 16
+#: Largest ``lq/2`` offset: an exponent field.
+MAX_BINADE_OFFSET = 255
+
+
+def binade_contexts(base: torch.Tensor, offset: int) -> torch.Tensor:
+    """The lq/2 context of every element: the binade of its base.
+
+    With ``E`` the exponent field of ``float32(base)`` (0 to 255; the sign is ignored), the
+    context is 0 where ``E`` is 0 (a zero or subnormal base) and else
+    ``clamp(E - offset, -7, 7) + 8``: the binade around the tensor's median binade
+    ``offset``. An optimizer moment's next value stays close to its base, so the context
+    predicts the value's bin. Integer operations on bit patterns only: every device computes
+    the same contexts.
+
+    Args:
+        base: The moment's base, any float dtype.
+        offset: The exponent field mapped to context 8, 0 to :data:`MAX_BINADE_OFFSET`.
+
+    Returns:
+        Flat uint8 contexts below :data:`NUM_BINADE_CONTEXTS`, on the base's device.
+
+    Raises:
+        TypeError: If ``base`` is not a floating tensor.
+        ValueError: If ``offset`` is out of range.
+    """
+    _check_binade_input(base, offset)
+    exponent = (base.detach().reshape(-1).to(torch.float32).view(torch.int32) >> 23) & 0xFF
+    binade = (exponent - offset).clamp_(-7, 7).add_(8)
+    return binade.masked_fill_(exponent == 0, 0).to(torch.uint8)
+
+
+def _check_binade_input(base: object, offset: object) -> None:
+    if not isinstance(base, torch.Tensor) or not base.is_floating_point():
+        raise TypeError(f"base must be a floating tensor, got {getattr(base, 'dtype', type(base).__name__)}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_BINADE_OFFSET:
+        raise ValueError(f"offset must be an int from 0 to {MAX_BINADE_OFFSET}, got {offset!r}")
 
 
 def context_counts(contexts: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "rans_encode",
     "rans_decode",
     "moment_contexts",
+    "binade_contexts",
     "context_counts",
     "context_histogram",
     "group_by_context",
@@ -170,6 +171,11 @@ def _context_module(device: torch.device) -> ModuleType:
 def moment_contexts(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """lc/3 contexts from the base's moments (see ``reference.moment_contexts``)."""
     return _context_module(first.device).moment_contexts(first, second)
+
+
+def binade_contexts(base: torch.Tensor, offset: int) -> torch.Tensor:
+    """lq/2 contexts from a moment's base (see ``reference.binade_contexts``)."""
+    return _context_module(base.device).binade_contexts(base, offset)
 
 
 def context_counts(contexts: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,12 @@ Six codecs exist (``docs/format.md`` has every field):
     same bin. Relative error is bounded by the bin width, so a second moment never drops to
     zero under a nonzero first moment. Symbols are rANS-coded as in ``lc/2``.
 
+``lq/2``
+    ``lq/1``'s symbols, grouped as ``lc/3`` groups its own, by the binade of each element's
+    base (``reference.binade_contexts``): a moment's next value stays close to its base, so
+    the base's binade predicts the value's bin. The record adds the binade the contexts are
+    centred on and one rANS table per context.
+
 Planning the buckets and the Huffman code uses the histogram of pass 1 only: the data never
 comes back to the host between the passes.
 """
@@ -66,6 +72,7 @@ __all__ = [
     "LC2",
     "LC3",
     "LQ",
+    "LQ2",
     "BP",
     "plan_log_buckets",
     "encode_lq",
@@ -87,14 +94,17 @@ LC = "lc/1"
 LC2 = "lc/2"
 LQ = "lq/1"
 BP = "bp/1"
-#: Codecs whose symbols are rANS-coded.
 LC3 = "lc/3"
+LQ2 = "lq/2"
+#: Codecs whose symbols are one rANS stream.
 RANS_CODECS = (LC2, LQ)
-ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ)
+#: Codecs whose symbols are grouped by a context read from the base, one rANS stream each.
+CONTEXT_CODECS = (LC3, LQ2)
+ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ, LQ2)
 #: Codecs that code a floating tensor lossily.
-LOSSY_CODECS = (LC, LC2, LC3, LQ)
+LOSSY_CODECS = (LC, LC2, LC3, LQ, LQ2)
 #: Codecs whose records name a base.
-DELTA_CODECS = (LC, LC2, LC3, LQ, BP)
+DELTA_CODECS = (LC, LC2, LC3, LQ, LQ2, BP)
 #: Mantissa bits of an lq/1 bin: 2**precision bins per octave.
 MAX_LOG_PRECISION = 4
 #: With ``coder="auto"``, rANS is used where it saves at least this fraction of the Huffman
@@ -102,8 +112,11 @@ MAX_LOG_PRECISION = 4
 RANS_MIN_SAVING = 0.10
 #: Contexts of ``lc/3`` (``reference.moment_contexts``).
 NUM_CONTEXTS = reference.NUM_CONTEXTS
+#: Contexts of ``lq/2`` (``reference.binade_contexts``).
+NUM_BINADE_CONTEXTS = reference.NUM_BINADE_CONTEXTS
 #: With ``coder="auto"``, ``lc/3`` is used where it saves at least this fraction of the
-#: cheaper of ``lc/1`` and ``lc/2``, by the histograms (its tables cost more record bytes).
+#: cheaper of ``lc/1`` and ``lc/2``, by the histograms (its tables cost more record bytes);
+#: ``lq/2`` where it saves this much of ``lq/1``.
 CONTEXT_MIN_SAVING = 0.05
 
 #: dtype name in a file -> torch dtype. Only these can be stored.
@@ -290,24 +303,26 @@ def _rans_parts(
 
 
 def _context_bits(joint: np.ndarray, chunk_symbols: int) -> float:
-    """``lc/3`` payload in bits for per-context symbol counts (``[NUM_CONTEXTS, nsym]``),
-    with each streamed context's table priced as it is written in the record (about 40 bits
-    an entry)."""
-    total = 0.0
-    for counts in joint:
-        n = int(counts.sum())
-        if n == 0 or np.count_nonzero(counts) < 2:
-            continue
-        freqs = rans.quantize_frequencies(counts)
-        total += _rans_bits(counts, freqs, -(-n // chunk_symbols)) + 40 * counts.size
-    return total
+    """``lc/3`` or ``lq/2`` payload in bits for per-context symbol counts (``[contexts,
+    nsym]``), with each streamed context's table priced as it is written in the record
+    (about 40 bits an entry). Each context is priced at its empirical entropy, in one numpy
+    pass over the table: rANS's 12-bit frequencies cost a fraction of a percent more, far
+    inside :data:`CONTEXT_MIN_SAVING`."""
+    c = np.asarray(joint, dtype=np.float64)  # counts, or a sample's scaled up
+    n = c.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ideal = np.where(c > 0, c * np.log2(n / c), 0.0).sum(axis=1)
+    chunks = np.ceil(n[:, 0] / chunk_symbols)
+    streamed = np.count_nonzero(c, axis=1) >= 2  # empty contexts and fills cost nothing
+    return float((ideal + chunks * (32 + 8 + 32) + 40 * c.shape[1])[streamed].sum())
 
 
 def _context_streams(
     symbols: torch.Tensor, contexts: torch.Tensor, joint: np.ndarray, chunk_symbols: int
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """Code the symbols of each context as one rANS stream: the context tables of an
-    ``lc/3`` record and its stream parts (chunk word counts, words; per streamed context)."""
+    ``lc/3`` or ``lq/2`` record (one per row of ``joint``) and its stream parts (chunk word
+    counts, words; per streamed context)."""
     grouped = backend.group_by_context(contexts, symbols)
     tables: list[dict] = []
     parts: list[torch.Tensor] = []
@@ -590,6 +605,37 @@ def choose_log_scale(tensor: torch.Tensor, base: torch.Tensor, decay: float, pre
     return ratio if hits[1] > hits[0] else decay
 
 
+def binade_offset(base: torch.Tensor) -> int:
+    """The binade ``lq/2``'s contexts centre on: the median of the nonzero exponent fields of
+    ``float32(base)``, on :data:`SCALE_SAMPLE` strided elements (integers: the same on every
+    backend); 127 (the binade of 1.0) where all are zero."""
+    exponents = ((_strided(base).to(torch.float32).view(torch.int32) >> 23) & 0xFF).cpu().numpy()
+    nonzero = exponents[exponents > 0]
+    return int(np.sort(nonzero)[nonzero.size // 2]) if nonzero.size else 127
+
+
+def _strided(tensor: torch.Tensor) -> torch.Tensor:
+    """Elements ``0, s, 2s, ...`` (``s = ceil(numel / SCALE_SAMPLE)``), contiguous, on the
+    tensor's device."""
+    stride = max(1, -(-tensor.numel() // SCALE_SAMPLE))
+    return tensor.detach().reshape(-1)[::stride].contiguous()
+
+
+def _binade_pays(symbols: torch.Tensor, base: torch.Tensor, offset: int, nsym: int, chunk_symbols: int) -> bool:
+    """Whether ``lq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload, as
+    the :data:`SCALE_SAMPLE` strided elements (all, for a smaller tensor) estimate it: both
+    priced at the sample's entropies scaled to the tensor, tables as written. Deciding on the
+    sample keeps the full context pass off tensors that stay ``lq/1``."""
+    sym = _strided(symbols).cpu().to(torch.int64)
+    ctx = backend.binade_contexts(_strided(base), offset).cpu().to(torch.int64)
+    joint = torch.bincount(ctx * nsym + sym, minlength=NUM_BINADE_CONTEXTS * nsym).reshape(NUM_BINADE_CONTEXTS, nsym)
+    scale = symbols.numel() / sym.numel()
+    joint = joint.numpy() * scale
+    grouped = _context_bits(joint, chunk_symbols)
+    plain = _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+    return grouped <= (1.0 - CONTEXT_MIN_SAVING) * plain
+
+
 def encode_lq(
     tensor: torch.Tensor,
     base: torch.Tensor | None,
@@ -597,8 +643,9 @@ def encode_lq(
     precision: int,
     chunk_symbols: int,
     predict_only: bool = False,
+    coder: str = "auto",
 ) -> EncodedTensor:
-    """Code a floating tensor (an optimizer moment) with ``lq/1``.
+    """Code a floating tensor (an optimizer moment) with ``lq/1`` or ``lq/2``.
 
     Args:
         tensor: The tensor.
@@ -611,6 +658,10 @@ def encode_lq(
         predict_only: Store no values: every element restores to the prediction (needs a
             base), with ``scale`` replaced by :func:`fit_prediction_scale`'s factor (``scale``
             is its fallback). The tensor is then a fill of symbol 0 and costs only its record.
+        coder: ``"context"``: ``lq/2`` where there is a base and grouping the symbols by its
+            binades saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload
+            (:func:`_binade_pays`); anything else: ``lq/1``. (``"auto"`` keeps ``lq/1``: on
+            CPU the grouping costs more time than its 10% or so of a state's bytes is worth.)
 
     Returns:
         The encoded tensor with its reconstruction.
@@ -644,12 +695,6 @@ def encode_lq(
             x, b, scale, torch.from_numpy(plan.key_to_symbol).to(dev), torch.from_numpy(reps).to(dev)
         )
         counts = torch.bincount(symbols, minlength=reps.size).cpu().numpy()
-    freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
-    del symbols
-    (chunk_part, stream_part), ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
-    # Non-finite values have a non-finite fine key; a non-finite prediction (from a
-    # non-finite base) shows in the reconstruction.
-    exc_index, exc_values = _exceptions(x, None, recon, hist, nonfinite)
     record = {
         "codec": LQ,
         "dtype": DTYPE_NAMES[x.dtype],
@@ -658,14 +703,33 @@ def encode_lq(
         "scale": int(np.float32(scale).view(np.uint32)),
         "chunk": chunk_symbols,
         "reps": reps.view(np.uint32).tolist(),
-        "freqs": freqs.tolist(),
-        "fill": fill,
-        "words": int(words.numel()),
-        "exceptions": int(exc_index.numel()),
-        "bound": bound,
-        "base": None if b is None else f"{backend.fingerprint(b):016x}",
     }
-    parts = [chunk_part, stream_part, exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
+    offset = None
+    if coder == "context" and b is not None and not predict_only and x.numel():
+        offset = binade_offset(b)
+        if not _binade_pays(symbols, b, offset, reps.size, chunk_symbols):
+            offset = None
+    if offset is not None:
+        contexts = backend.binade_contexts(b, offset)
+        joint = backend.context_histogram(contexts, symbols, reps.size).cpu().numpy()[:NUM_BINADE_CONTEXTS]
+        tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+        del symbols, contexts
+        record.update(codec=LQ2, offset=offset, tables=tables)
+        parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
+    else:
+        freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
+        del symbols
+        record.update(freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
+        parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
+    # Non-finite values have a non-finite fine key; a non-finite prediction (from a
+    # non-finite base) shows in the reconstruction.
+    exc_index, exc_values = _exceptions(x, None, recon, hist, nonfinite)
+    record.update(
+        exceptions=int(exc_index.numel()),
+        bound=bound,
+        base=None if b is None else f"{backend.fingerprint(b):016x}",
+    )
+    parts += [exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
 
 
@@ -827,16 +891,12 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
             raise _fail(name, f"'fill' must be a symbol below {len(reps)}, got {fill!r}")
         _int(record, "words", name)
         _int(record, "exceptions", name, 0, numel)
-        bound = record.get("bound")
-        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf:
-            raise _fail(name, f"'bound' must be a finite non-negative number, got {bound!r}")
-        base = record.get("base")
-        if base is not None and (not isinstance(base, str) or not _FINGERPRINT.fullmatch(base)):
-            raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")
+        _bound_field(record, name, nullable=False)
+        _base_field(record, name)
     if codec in (LC2, LQ):
         _validate_rans_record(record, name, codec, dtype_name, numel)
-    elif codec == LC3:
-        _validate_context_record(record, name, dtype_name, numel)
+    elif codec in CONTEXT_CODECS:
+        _validate_context_record(record, name, codec, dtype_name, numel)
     elif codec == BP:
         _validate_planes(record, name, dtype_name, numel)
     return DTYPES[dtype_name], tuple(shape), numel
@@ -855,6 +915,16 @@ def _base_field(record: dict, name: str) -> None:
     base = record["base"]
     if base is not None and (not isinstance(base, str) or not _FINGERPRINT.fullmatch(base)):
         raise _fail(name, f"'base' must be 16 lowercase hex digits or null, got {base!r}")
+
+
+def _bound_field(record: dict, name: str, nullable: bool) -> None:
+    """The error bound: a finite non-negative number (null too where the codec allows it: an
+    lq record that stores no values has none)."""
+    bound = record.get("bound")
+    if bound is None and nullable:
+        return
+    if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf:
+        raise _fail(name, f"'bound' must be a finite non-negative number{' or null' if nullable else ''}, got {bound!r}")
 
 
 def _rans_table(record: dict, field: str, name: str, nsym: int, fill: Any, numel: int) -> None:
@@ -879,11 +949,7 @@ def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, 
         bits = _int(record, "bits", name, 1, 8)
         most = 1 << bits
     else:
-        _int(record, "precision", name, 0, MAX_LOG_PRECISION)
-        scale = _int(record, "scale", name, 0, (1 << 32) - 1)
-        value = float(np.uint32(scale).view(np.float32))
-        if not 0.0 < value < math.inf:
-            raise _fail(name, f"'scale' must be a positive finite float32, got {value!r}")
+        _lq_fields(record, name)
         most = 256
     reps = record.get("reps")
     if not isinstance(reps, list) or not 1 <= len(reps) <= most:
@@ -898,26 +964,37 @@ def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, 
     if fill is not None and words:
         raise _fail(name, "a fill must not have a stream")
     _int(record, "exceptions", name, 0, numel)
-    bound = record.get("bound")
-    if bound is not None and (
-        not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf
-    ):
-        raise _fail(name, f"'bound' must be a finite non-negative number or null, got {bound!r}")
+    _bound_field(record, name, nullable=True)
     _base_field(record, name)
 
 
-def _validate_context_record(record: dict, name: str, dtype_name: str, numel: int) -> None:
+def _lq_fields(record: dict, name: str) -> None:
+    """lq/1 and lq/2's own fields: the precision and the positive, finite float32 scale."""
+    _int(record, "precision", name, 0, MAX_LOG_PRECISION)
+    scale = _int(record, "scale", name, 0, (1 << 32) - 1)
+    value = float(np.uint32(scale).view(np.float32))
+    if not 0.0 < value < math.inf:
+        raise _fail(name, f"'scale' must be a positive finite float32, got {value!r}")
+
+
+def _validate_context_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
     if dtype_name not in _LOSSY_NAMES:
-        raise _fail(name, f"codec {LC3} cannot hold dtype {dtype_name}")
+        raise _fail(name, f"codec {codec} cannot hold dtype {dtype_name}")
     _chunk(record, name)
-    bits = _int(record, "bits", name, 1, 8)
+    if codec == LC3:
+        bits = _int(record, "bits", name, 1, 8)
+        most, ncontexts = 1 << bits, NUM_CONTEXTS
+    else:
+        _lq_fields(record, name)
+        _int(record, "offset", name, 0, reference.MAX_BINADE_OFFSET)
+        most, ncontexts = 256, NUM_BINADE_CONTEXTS
     reps = record.get("reps")
-    if not isinstance(reps, list) or not 1 <= len(reps) <= 1 << bits:
-        raise _fail(name, f"'reps' must list 1 to {1 << bits} values")
+    if not isinstance(reps, list) or not 1 <= len(reps) <= most:
+        raise _fail(name, f"'reps' must list 1 to {most} values")
     if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 32 for r in reps):
         raise _fail(name, "'reps' must hold uint32 bit patterns")
     context = record.get("context")
-    if not (
+    if codec == LC3 and not (
         isinstance(context, list)
         and len(context) == 2
         and all(
@@ -928,8 +1005,8 @@ def _validate_context_record(record: dict, name: str, dtype_name: str, numel: in
     ):
         raise _fail(name, "'context' must list two {'name', 'base'} objects (the base's moments)")
     tables = record.get("tables")
-    if not isinstance(tables, list) or len(tables) != NUM_CONTEXTS:
-        raise _fail(name, f"'tables' must list {NUM_CONTEXTS} context tables")
+    if not isinstance(tables, list) or len(tables) != ncontexts:
+        raise _fail(name, f"'tables' must list {ncontexts} context tables")
     total = 0
     for c, table in enumerate(tables):
         if not isinstance(table, dict) or not {"count"} <= set(table) <= {"count", "fill", "freqs", "words"}:
@@ -958,12 +1035,10 @@ def _validate_context_record(record: dict, name: str, dtype_name: str, numel: in
     if total != numel:
         raise _fail(name, f"the context tables count {total} elements, the tensor has {numel}")
     _int(record, "exceptions", name, 0, numel)
-    bound = record.get("bound")
-    if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 <= bound < math.inf:
-        raise _fail(name, f"'bound' must be a finite non-negative number, got {bound!r}")
+    _bound_field(record, name, nullable=codec == LQ2)
     _base_field(record, name)
     if record["base"] is None:
-        raise _fail(name, f"codec {LC3} codes a delta: 'base' must name one")
+        raise _fail(name, f"codec {codec} codes a delta: 'base' must name one")
 
 
 def _validate_planes(record: dict, name: str, dtype_name: str, numel: int) -> None:
@@ -1003,7 +1078,7 @@ def payload_layout(record: dict, numel: int) -> list[tuple[str, int, int]]:
                 sizes.append((f"plane{j}", numel))
             elif "freqs" in plane:
                 sizes += [(f"plane{j}_chunk_words", nchunks * 4), (f"plane{j}_stream", plane["words"] * 2)]
-    elif record["codec"] == LC3:
+    elif record["codec"] in CONTEXT_CODECS:
         sizes = []
         for c, table in enumerate(record["tables"]):
             if "freqs" in table:

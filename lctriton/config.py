@@ -90,9 +90,10 @@ class CodecOptions:
         coder: Entropy coder of lossy symbols: ``"huffman"`` (``lc/1``), ``"rans"``
             (``lc/2``, below one bit per symbol), ``"context"`` (``lc/3``: one rANS table per
             context read from the base's Adam moments of the parameter, where the base holds
-            them; ``lc/2`` elsewhere) or ``"auto"`` (``lc/3`` where it saves at least 5%,
-            else rANS where it saves at least 10% of a tensor's Huffman payload, by the
-            histograms). Context coding needs a state that holds the model and its
+            them; ``lc/2`` elsewhere; and ``lq/2`` for optimizer moments, grouped by their
+            base's binades, where that saves at least 5%) or ``"auto"`` (``lc/3`` where it
+            saves at least 5%, else rANS where it saves at least 10% of a tensor's Huffman
+            payload, by the histograms; moments stay ``lq/1``). Context coding needs a state that holds the model and its
             optimizer side by side (``{"model": ..., "optimizer": ...}``, as
             :class:`lctriton.TrainingState` and the checkpoint managers save it).
         moments: How optimizer moments (:data:`MOMENT_PATTERNS`) are coded in a delta:

@@ -476,6 +476,7 @@ def encode_states(
             encoded = codecs.encode_lq(
                 tensor, b, decays[k].get(name, 1.0), options.moment_precision, options.chunk_symbols,
                 predict_only=mode == "predict" and b is not None,
+                coder=options.coder,
             )
         else:
             context = context_of(k, name, tensor) if b is not None else None
@@ -730,9 +731,27 @@ def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values):
     return finish
 
 
-def _context_of(rec: dict, name: str, numel: int, base_tensors: dict[str, torch.Tensor], dev: str) -> torch.Tensor:
-    """The contexts of an lc/3 record's elements, from the base's moments it names, checked
-    against their fingerprints and the record's context counts."""
+def _context_of(
+    rec: dict, name: str, numel: int, base_tensors: dict[str, torch.Tensor], b: torch.Tensor, dev: str
+) -> torch.Tensor:
+    """The contexts of an lc/3 record's elements, from the base's moments it names (checked
+    against their fingerprints), or of an lq/2 record's, from its own base ``b`` (checked
+    already); then checked against the record's context counts."""
+    if rec["codec"] == codecs.LQ2:
+        contexts = backend.binade_contexts(b, rec["offset"])
+    else:
+        contexts = backend.moment_contexts(*_context_moments(rec, name, numel, base_tensors, dev))
+    counts = backend.context_counts(contexts).cpu().tolist()
+    tables = rec["tables"]
+    if counts[: len(tables)] != [table["count"] for table in tables] or any(counts[len(tables) :]):
+        raise FormatError(f"tensor {name!r}: its context tables do not count the base's contexts")
+    return contexts
+
+
+def _context_moments(
+    rec: dict, name: str, numel: int, base_tensors: dict[str, torch.Tensor], dev: str
+) -> list[torch.Tensor]:
+    """The base's moments an lc/3 record names, checked against their fingerprints."""
     moments = []
     for ref in rec["context"]:
         t = base_tensors.get(ref["name"])
@@ -748,15 +767,11 @@ def _context_of(rec: dict, name: str, numel: int, base_tensors: dict[str, torch.
         if not t.is_floating_point() or t.numel() != numel:
             raise FormatError(f"tensor {name!r}: its context {ref['name']!r} is not a floating tensor of {numel} elements")
         moments.append(t.to(dev))
-    contexts = backend.moment_contexts(*moments)
-    counts = backend.context_counts(contexts).cpu().tolist()
-    if counts != [table["count"] for table in rec["tables"]]:
-        raise FormatError(f"tensor {name!r}: its context tables do not count the base moments' contexts")
-    return contexts
+    return moments
 
 
 def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values):
-    """What turns an lc/3 record's per-context symbols into its tensor."""
+    """What turns an lc/3 or lq/2 record's per-context symbols into its tensor."""
 
     def finish(symbols: list[torch.Tensor]) -> torch.Tensor:
         device = torch.device(dev)
@@ -769,7 +784,11 @@ def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_
                 pieces.append(next(coded).to(device))
         grouped = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
         sym = backend.ungroup_by_context(contexts.to(device), grouped)
-        out = backend.lc_reconstruct(sym, reps.to(device), b.reshape(-1), dtype).to(device)
+        if rec["codec"] == codecs.LQ2:
+            scale = float(np.uint32(rec["scale"]).view(np.float32))
+            out = backend.lq_reconstruct(sym, reps.to(device), b.reshape(-1), scale, dtype).to(device)
+        else:
+            out = backend.lc_reconstruct(sym, reps.to(device), b.reshape(-1), dtype).to(device)
         _apply_exceptions(out, exc_index, exc_values, dtype)
         return out
 
@@ -913,8 +932,8 @@ def decode_state(
         if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
             raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
-        if rec["codec"] == codecs.LC3:
-            contexts = _context_of(rec, name, numel, base_tensors, dev)
+        if rec["codec"] in codecs.CONTEXT_CODECS:
+            contexts = _context_of(rec, name, numel, base_tensors, b, dev)
             streams = []
             for c, table in enumerate(rec["tables"]):
                 if "freqs" in table:

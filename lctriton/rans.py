@@ -64,18 +64,21 @@ def quantize_frequencies(counts: np.ndarray | list[int]) -> np.ndarray:
     if nused == 0:
         return freqs
     total = int(c.sum())
-    # Python ints: counts * 4096 may not fit int64 for huge tensors.
-    scaled = [int(v) * PROB_SCALE for v in c.tolist()]
-    floors = np.array([s // total for s in scaled], dtype=np.int64)
-    remainders = np.array([s % total for s in scaled], dtype=object)
+    if total < 1 << 50:  # counts * 4096 fits int64
+        scaled = c * PROB_SCALE
+        floors, remainders = scaled // total, scaled % total
+    else:  # Python ints
+        scaled_ints = [int(v) * PROB_SCALE for v in c.tolist()]
+        floors = np.array([v // total for v in scaled_ints], dtype=np.int64)
+        remainders = np.array([v % total for v in scaled_ints], dtype=object)
     freqs[:] = floors
     freqs[used & (freqs == 0)] = 1
     short = PROB_SCALE - int(freqs.sum())
     if short > 0:
-        # Largest remainder first; stable sort keeps the lowest symbol first among equals.
-        order = sorted(np.flatnonzero(used).tolist(), key=lambda s: -remainders[s])
-        for s in order[:short]:
-            freqs[s] += 1
+        # Largest remainder first; a stable sort keeps the lowest symbol first among equals.
+        candidates = np.flatnonzero(used)
+        order = candidates[np.argsort(-remainders[candidates], kind="stable")]
+        freqs[order[:short]] += 1
         short = PROB_SCALE - int(freqs.sum())
     while short < 0:
         # Overshoot from the minimum of 1: the largest frequencies give units back.

@@ -1,9 +1,11 @@
-"""lc/3: a delta's symbols coded per context read from the base's Adam moments.
+"""lc/3 and lq/2: symbols coded per context read from the base.
 
-The context stage's torch twins (``kernels/reference.py``, section "lc/3 contexts") against
-the compiled CPU loops (``kernels/rans_cpu.c``) byte for byte; the mapping of a model's
-parameters to its optimizer's numbered moments; and the codec end to end: chosen where it
-pays, bit-exact decodes, and clear errors when the base's moments are missing or changed.
+lc/3 codes a weight delta per context of the base's Adam moments, lq/2 a moment per binade
+of its own base. The context stage's torch twins (``kernels/reference.py``, section "lc/3
+and lq/2 contexts") against the compiled CPU loops (``kernels/rans_cpu.c``) byte for byte;
+the mapping of a model's parameters to its optimizer's numbered moments; and the codecs end
+to end: chosen where they pay, bit-exact decodes, and clear errors when the base's moments
+are missing or changed.
 """
 
 from __future__ import annotations
@@ -271,6 +273,110 @@ def test_coder_option_accepts_context():
         lctriton.compress({"w": torch.ones(3)}, coder="ctx")
 
 
+# --------------------------------------------------------------------------- lq/2
+
+
+def test_binade_contexts_follow_the_stated_formula():
+    base = torch.tensor([1.0, 2.0, 0.5, -4.0, 0.0, -0.0, 1e-40, 2.0**100, 2.0**-100, float("inf"), float("nan")])
+    # Exponent field of 1.0 is 127: offset 127 maps it to context 8.
+    assert reference.binade_contexts(base, 127).tolist() == [8, 9, 7, 10, 0, 0, 0, 15, 1, 15, 15]
+    assert reference.binade_contexts(base, 0).tolist()[:4] == [15, 15, 15, 15]
+    with pytest.raises(ValueError, match="offset"):
+        reference.binade_contexts(base, 256)
+    with pytest.raises(ValueError, match="offset"):
+        reference.binade_contexts(base, True)
+    with pytest.raises(TypeError, match="floating"):
+        reference.binade_contexts(base.to(torch.int32), 127)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("offset", [0, 100, 127, 255])
+def test_compiled_binade_contexts_match_reference(dtype, offset):
+    m, v = _every_context()
+    for base in (m.to(dtype), v.to(dtype)):
+        assert torch.equal(rans_cpu.binade_contexts(base, offset), reference.binade_contexts(base, offset))
+    with pytest.raises(ValueError, match="offset"):
+        rans_cpu.binade_contexts(v, -1)
+
+
+def _moment_codecs(c) -> dict[str, str]:
+    return {k: v for k, v in _codecs_of(c).items() if k.endswith(("exp_avg", "exp_avg_sq"))}
+
+
+@pytest.fixture(scope="module")
+def binade_states():
+    """Adam-like moments of 200k elements: a second moment over 20 binades that keeps most of
+    its base's binade (lq/2 pays), and a first moment whose base is one binade of noise
+    (lq/2 cannot pay)."""
+    g = torch.Generator().manual_seed(5)
+    n = 200_000
+    base_v = torch.exp2(-torch.randint(10, 30, (n,), generator=g).float()) * (1 + torch.rand(n, generator=g))
+    v = base_v * torch.exp2(torch.randint(-1, 2, (n,), generator=g).float() * (torch.rand(n, generator=g) < 0.3))
+    base_m = torch.rand(n, generator=g) + 1.0
+    m = torch.randn(n, generator=g)
+    state = {"opt": {"state": {0: {"exp_avg_sq": v, "exp_avg": m}}}}
+    base = {"opt": {"state": {0: {"exp_avg_sq": base_v, "exp_avg": base_m}}}}
+    return state, base
+
+
+def test_binade_coding_is_chosen_where_it_pays(binade_states):
+    state, base = binade_states
+    used = _moment_codecs(lctriton.compress(state, base=base, coder="context"))
+    assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.LQ}
+    # The default coder keeps lq/1 (on CPU the grouping costs more time than it saves bytes).
+    assert set(_moment_codecs(lctriton.compress(state, base=base)).values()) == {codecs.LQ}
+
+
+def test_binade_coding_changes_no_value_and_decodes_bit_exactly(binade_states):
+    second, base = binade_states
+    ctx, recon = lctriton.compress(second, base=base, coder="context", return_reconstruction=True)
+    used = _moment_codecs(ctx)
+    assert codecs.LQ2 in used.values()
+    plain, recon_plain = lctriton.compress(second, base=base, coder="rans", return_reconstruction=True)
+    flat, flat_plain = pipeline.flatten_tensors(recon), pipeline.flatten_tensors(recon_plain)
+    for name in used:
+        assert_bit_exact(flat[name], flat_plain[name], name)  # lq/2 changes only the coding
+    restored = pipeline.flatten_tensors(lctriton.decompress(ctx.to_bytes(), base=base))
+    for name in used:
+        assert_bit_exact(restored[name], flat[name], name)
+
+    def lq2_bytes(c):
+        return sum(r["stored_nbytes"] for r in lctriton.inspect(c)["tensors"] if used.get(r["name"]) == codecs.LQ2)
+
+    assert lq2_bytes(ctx) < (1 - codecs.CONTEXT_MIN_SAVING) * lq2_bytes(plain)
+
+
+def test_binade_contexts_that_do_not_fit_the_base_are_a_format_error(binade_states):
+    second, base = binade_states
+    c = lctriton.compress(second, base=base, coder="context")
+    rec = next(r for r in c.index["tensors"] if r["codec"] == codecs.LQ2)
+    rec["offset"] += 1  # the same base, other contexts: the tables no longer count them
+    with pytest.raises(FormatError, match="context tables do not count"):
+        lctriton.decompress(c.to_bytes(), base=base)
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda r: r.update(offset=256), "offset"),
+        (lambda r: r.update(offset=None), "offset"),
+        (lambda r: r.update(tables=r["tables"][:-1]), "16 context tables"),
+        (lambda r: r.update(scale=0), "scale"),
+        (lambda r: r.update(precision=9), "precision"),
+        (lambda r: next(t for t in r["tables"] if "freqs" in t)["freqs"].append(1), "freqs"),
+        (lambda r: r.update(base=None), "'base' must name one"),
+    ],
+)
+def test_bad_binade_records_are_rejected(binade_states, mutate, pattern):
+    second, base = binade_states
+    c = lctriton.compress(second, base=base, coder="context")
+    rec = next(r for r in c.index["tensors"] if r["codec"] == codecs.LQ2)
+    mutate(rec)
+    with pytest.raises(FormatError, match=pattern):
+        lctriton.decompress(c.to_bytes(), base=base)
+
+
 @pytest.mark.gpu
 def test_gpu_context_stage_matches_cpu():
     m, v = _every_context()
@@ -285,3 +391,5 @@ def test_gpu_context_stage_matches_cpu():
     assert torch.equal(reference.ungroup_by_context(ctx.cuda(), grouped.cuda()).cpu(), sym)
     assert torch.equal(reference.context_histogram(ctx.cuda(), sym.cuda(), 7).cpu(), reference.context_histogram(ctx, sym, 7))
     assert torch.equal(reference.context_counts(ctx.cuda()).cpu(), reference.context_counts(ctx))
+    for offset in (0, 110, 255):
+        assert torch.equal(reference.binade_contexts(v.cuda(), offset).cpu(), reference.binade_contexts(v, offset))

@@ -1632,13 +1632,13 @@ def test_decompress_rejects_other_types():
     "stem, make_state, options, pinned",
     [
         ("golden_rans_v1", make_golden.golden_rans_state, make_golden.RANS_OPTIONS, {codecs.LC2, codecs.LQ, codecs.BP}),
-        ("golden_context_v1", make_golden.golden_context_state, make_golden.CONTEXT_OPTIONS, {codecs.LC3}),
+        ("golden_context_v2", make_golden.golden_context_state, make_golden.CONTEXT_OPTIONS, {codecs.LC3, codecs.LQ2}),
     ],
     ids=["rans", "context"],
 )
 def test_codec_golden_file_is_reproduced_byte_for_byte(stem, make_state, options, pinned):
-    """The bytes of lc/2, lq/1 and bp/1 (golden_rans_v1) and of lc/3 (golden_context_v1) are
-    pinned: a change here breaks every file written."""
+    """The bytes of lc/2, lq/1 and bp/1 (golden_rans_v1) and of lc/3 and lq/2
+    (golden_context_v2) are pinned: a change here breaks every file written."""
     state, base = make_state()
     data = (DATA / f"{stem}.lct").read_bytes()
     info = json.loads((DATA / f"{stem}.json").read_text())
@@ -1648,6 +1648,17 @@ def test_codec_golden_file_is_reproduced_byte_for_byte(stem, make_state, options
     assert compressed.to_bytes() == data
     decoded = lctriton.decompress(data, base=base)
     flat = lctriton.pipeline.flatten_tensors(decoded)
+    assert {k: make_golden.tensor_digest(v) for k, v in flat.items()} == info["tensors"]
+
+
+def test_context_golden_v1_still_reads():
+    """golden_context_v1 was written before lq/2 existed (lc/3 and lq/1); the encoder now
+    writes golden_context_v2 for the same state, and v1 must keep decoding bit for bit."""
+    _, base = make_golden.golden_context_state()
+    info = json.loads((DATA / "golden_context_v1.json").read_text())
+    data = (DATA / "golden_context_v1.lct").read_bytes()
+    assert {r["codec"] for r in read_index(data)["tensors"]} == set(info["codecs"].values()) == {codecs.LC3, codecs.LQ, codecs.RAW}
+    flat = lctriton.pipeline.flatten_tensors(lctriton.decompress(data, base=base))
     assert {k: make_golden.tensor_digest(v) for k, v in flat.items()} == info["tensors"]
 
 

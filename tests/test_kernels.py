@@ -194,9 +194,11 @@ def test_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 
 def _every_codec_state(n, device="cpu"):
-    """A state and base that use every codec: lc/1 (dense delta), lc/2 (a sparse delta),
-    lc/3 (an Adam-like delta, against the sign and size of the base's first moment), lq/1
-    (Adam moments), bp/1 (integers) and raw/1 (a tiny tensor)."""
+    """A state and base that use every codec, coded with each of :data:`EVERY_CODEC_CODERS`:
+    lc/1 (dense delta), lc/2 (a sparse delta), lc/3 (an Adam-like delta, against the sign
+    and size of the base's first moment), lq/1 and lq/2 (Adam moments; lq/2 for the second
+    moment, whose bins follow its base's binades, with ``coder="context"``), bp/1 (integers)
+    and raw/1 (a tiny tensor)."""
     g = torch.Generator().manual_seed(3)
     dense = torch.randn(n, generator=g)
     sparse = torch.randn(n, generator=g)
@@ -237,23 +239,29 @@ def _to(obj, device):
     return obj
 
 
+#: The coders :func:`_every_codec_state` is coded with: together they use every codec.
+EVERY_CODEC_CODERS = ("auto", "context")
+
+
 def test_backend_files_are_identical_both_ways(monkeypatch):
     """A file written by the kernels decodes with the reference and the reverse."""
     state, base = _every_codec_state(3000)
-    monkeypatch.setenv(backend.BACKEND_ENV, "reference")
-    ref_bytes = lctriton.compress(state, base=base, chunk_symbols=64).to_bytes()
-    used = {r["codec"] for r in lctriton.inspect(ref_bytes)["tensors"]}
+    used = set()
+    for coder in EVERY_CODEC_CODERS:
+        monkeypatch.setenv(backend.BACKEND_ENV, "reference")
+        ref_bytes = lctriton.compress(state, base=base, chunk_symbols=64, coder=coder).to_bytes()
+        used |= {r["codec"] for r in lctriton.inspect(ref_bytes)["tensors"]}
+        monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+        assert backend.choose("cpu") is triton_codec
+        tri_bytes = lctriton.compress(state, base=base, chunk_symbols=64, coder=coder).to_bytes()
+        assert tri_bytes == ref_bytes, coder
+        from_triton = lctriton.decompress(ref_bytes, base=base)
+        monkeypatch.setenv(backend.BACKEND_ENV, "reference")
+        from_reference = lctriton.decompress(tri_bytes, base=base)
+        flat_t, flat_r = lctriton.pipeline.flatten_tensors(from_triton), lctriton.pipeline.flatten_tensors(from_reference)
+        for k in flat_r:
+            assert_bit_exact(flat_t[k], flat_r[k], f"{coder}: {k}")
     assert used == set(codecs.ALL_CODECS)
-    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
-    assert backend.choose("cpu") is triton_codec
-    tri_bytes = lctriton.compress(state, base=base, chunk_symbols=64).to_bytes()
-    assert tri_bytes == ref_bytes
-    from_triton = lctriton.decompress(ref_bytes, base=base)
-    monkeypatch.setenv(backend.BACKEND_ENV, "reference")
-    from_reference = lctriton.decompress(tri_bytes, base=base)
-    flat_t, flat_r = lctriton.pipeline.flatten_tensors(from_triton), lctriton.pipeline.flatten_tensors(from_reference)
-    for k in flat_r:
-        assert_bit_exact(flat_t[k], flat_r[k], k)
 
 
 @pytest.mark.gpu
@@ -272,11 +280,12 @@ def test_gpu_large_tensors_match_reference(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_files_of_every_codec_match_cpu():
+@pytest.mark.parametrize("coder", EVERY_CODEC_CODERS)
+def test_gpu_files_of_every_codec_match_cpu(coder):
     state, base = _every_codec_state(3_000_000)
-    cpu_bytes = lctriton.compress(state, base=base).to_bytes()
+    cpu_bytes = lctriton.compress(state, base=base, coder=coder).to_bytes()
     gstate, gbase = _every_codec_state(3_000_000, "cuda")
-    gpu_bytes = lctriton.compress(gstate, base=gbase).to_bytes()
+    gpu_bytes = lctriton.compress(gstate, base=gbase, coder=coder).to_bytes()
     assert gpu_bytes == cpu_bytes
     from_gpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=gbase))
     from_cpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=base))

@@ -2,7 +2,7 @@
 
     python3 tests/data/make_golden.py          # golden_v1 (lc/1, raw/1)
     python3 tests/data/make_golden.py --rans     # golden_rans_v1 (lc/2, lq/1, bp/1)
-    python3 tests/data/make_golden.py --context  # golden_context_v1 (lc/3)
+    python3 tests/data/make_golden.py --context  # golden_context_v2 (lc/3, lq/2)
 
 The state is built from integer formulas only (no RNG), so it is the same on every machine.
 ``tests/test_format.py`` rebuilds it with :func:`golden_state` and checks that compressing
@@ -30,8 +30,10 @@ GOLDEN_LCT = HERE / "golden_v1.lct"
 GOLDEN_JSON = HERE / "golden_v1.json"
 #: The rANS-coded codecs (lc/2, lq/1, bp/1), pinned in their own file.
 GOLDEN_RANS_LCT = HERE / "golden_rans_v1.lct"
-GOLDEN_CONTEXT_LCT = HERE / "golden_context_v1.lct"
-GOLDEN_CONTEXT_JSON = HERE / "golden_context_v1.json"
+#: lc/3 and lq/2. (golden_context_v1, written before lq/2 existed, holds lc/3 and lq/1; the
+#: same options now code its second moment with lq/2. It stays as a file to read.)
+GOLDEN_CONTEXT_LCT = HERE / "golden_context_v2.lct"
+GOLDEN_CONTEXT_JSON = HERE / "golden_context_v2.json"
 GOLDEN_RANS_JSON = HERE / "golden_rans_v1.json"
 
 #: Fixed codec options of the golden file (every option spelled out, defaults included).
@@ -143,13 +145,14 @@ def golden_rans_state() -> tuple[dict, dict]:
     return state, base
 
 
-#: Options of the lc/3 golden file: the rANS file's, with context coding forced.
+#: Options of the context golden file: the rANS file's, with context coding asked for.
 CONTEXT_OPTIONS = dict(RANS_OPTIONS, coder="context")
 
 
 def golden_context_state() -> tuple[dict, dict]:
-    """A state and base, from integer formulas only, whose weight delta is coded with lc/3:
-    the weight moves against the base's first moment, as Adam moves it.
+    """A state and base, from integer formulas only, whose weight delta is coded with lc/3
+    (the weight moves against the base's first moment, as Adam moves it) and whose second
+    moment is coded with lq/2 (its bins follow its base's binades).
 
     Returns:
         ``(state, base)``.
@@ -227,7 +230,7 @@ def main() -> int:
         return 0
     if "--context" in sys.argv:
         _write_codec_golden(lctriton, golden_context_state, CONTEXT_OPTIONS, GOLDEN_CONTEXT_LCT,
-                            GOLDEN_CONTEXT_JSON, "lc/3")
+                            GOLDEN_CONTEXT_JSON, "lc/3 and lq/2")
         return 0
     state, base = golden_state()
     compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **OPTIONS)
