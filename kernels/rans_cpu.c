@@ -367,3 +367,59 @@ void lct_lq_reconstruct_f32(const uint8_t *sym, const uint32_t *reps, int64_t nr
         out[i] = (base && s == 0) ? lq_prediction(base[i], scale) : reps[s < nreps ? s : nreps - 1];
     }
 }
+
+/* lc/1's symbols and reconstruction on float32 tensors (reference.lc_symbols /
+ * lc_reconstruct): the symbol of the delta's fine key, and base + representative (+0.0 +
+ * representative without a base). Symbol 0 copies the base where the base holds a NaN
+ * anywhere, as the reference does, since processors quiet or replace NaN payloads in
+ * arithmetic. */
+static uint32_t lc_value(uint8_t s, const uint32_t *reps, int64_t nreps, const uint32_t *base, int64_t i)
+{
+    const float r = bits_float(reps[s < nreps ? s : nreps - 1]);
+    return float_bits(base ? bits_float(base[i]) + r : r + 0.0f);
+}
+
+static int is_nan(uint32_t u)
+{
+    return (u & 0x7FFFFFFFu) > 0x7F800000u;
+}
+
+/* Symbol 0 copies the base (where the base holds a NaN); returns whether out holds a
+ * non-finite value. */
+static int lc_finish(const uint8_t *sym, const uint32_t *base, int base_nan, int64_t n, uint32_t *out)
+{
+    uint32_t nonfinite = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (base_nan && sym[i] == 0)
+            out[i] = base[i];
+        nonfinite |= NONFINITE(out[i]);
+    }
+    return nonfinite != 0;
+}
+
+int lct_lc_symbols_f32(const uint32_t *x, const uint32_t *base, const uint8_t *lut, const uint32_t *reps,
+                       int64_t nreps, int64_t n, uint8_t *sym, uint32_t *out)
+{
+    uint32_t base_nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t d = base ? float_bits(bits_float(x[i]) - bits_float(base[i])) : x[i];
+        const uint8_t s = lut[fine_key(d)];
+        sym[i] = s;
+        out[i] = lc_value(s, reps, nreps, base, i);
+        if (base)
+            base_nan |= is_nan(base[i]);
+    }
+    return lc_finish(sym, base, base_nan != 0, n, out);
+}
+
+void lct_lc_reconstruct_f32(const uint8_t *sym, const uint32_t *reps, int64_t nreps, const uint32_t *base,
+                            int64_t n, uint32_t *out)
+{
+    uint32_t base_nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = lc_value(sym[i], reps, nreps, base, i);
+        if (base)
+            base_nan |= is_nan(base[i]);
+    }
+    lc_finish(sym, base, base_nan != 0, n, out);
+}

@@ -51,6 +51,7 @@ from lctriton.kernels.reference import (
     _check_context_pair,
     fingerprint_hash,
     fingerprint_words,
+    lc_tables,
     lq_tables,
     rans_encode_input,
     rans_lanes,
@@ -66,6 +67,8 @@ __all__ = [
     "binade_contexts",
     "context_counts",
     "fingerprint",
+    "lc_symbols",
+    "lc_reconstruct",
     "lq_symbols",
     "lq_reconstruct",
     "context_histogram",
@@ -153,6 +156,10 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_rans_decode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
     lib.lct_moment_contexts.restype = None
     lib.lct_moment_contexts.argtypes = [_PTR, _PTR, _I64, _PTR]
+    lib.lct_lc_symbols_f32.restype = ctypes.c_int
+    lib.lct_lc_symbols_f32.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
+    lib.lct_lc_reconstruct_f32.restype = None
+    lib.lct_lc_reconstruct_f32.argtypes = [_PTR, _PTR, _I64, _PTR, _I64, _PTR]
     lib.lct_lq_symbols_f32.restype = ctypes.c_int
     lib.lct_lq_symbols_f32.argtypes = [_PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
     lib.lct_lq_reconstruct_f32.restype = None
@@ -347,6 +354,51 @@ def fingerprint(tensor: torch.Tensor) -> int:
 
 def _flat_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().reshape(-1).cpu().contiguous()
+
+
+def lc_symbols(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    key_to_symbol: torch.Tensor,
+    representatives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Same arguments, result and errors as :func:`lctriton.kernels.reference.lc_symbols`:
+    one compiled pass for float32 tensors, the reference for other dtypes."""
+    lut, reps = lc_tables(x, base, key_to_symbol, representatives)
+    if x.dtype != torch.float32 or reps.size == 0:
+        return reference.lc_symbols(x, base, key_to_symbol, representatives)
+    lib = _require()
+    xs, bs = _flat_cpu(x), _flat_cpu(base)
+    lut = np.ascontiguousarray(lut)
+    symbols = torch.empty(xs.numel(), dtype=torch.uint8)
+    out = torch.empty(xs.numel(), dtype=torch.float32)
+    nonfinite = lib.lct_lc_symbols_f32(
+        xs.data_ptr(), None if bs is None else bs.data_ptr(), lut.ctypes.data, reps.ctypes.data, reps.size,
+        xs.numel(), symbols.data_ptr(), out.data_ptr(),
+    )
+    return symbols, out, bool(nonfinite)
+
+
+def lc_reconstruct(
+    symbols: torch.Tensor | np.ndarray,
+    representatives: torch.Tensor | np.ndarray,
+    base: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.lc_reconstruct`:
+    compiled for float32, the reference for other dtypes."""
+    reps = reference._as_numpy(representatives, np.float32)
+    sym = torch.from_numpy(np.ascontiguousarray(reference._as_numpy(symbols, np.uint8)))
+    bs = _flat_cpu(base)
+    if dtype != torch.float32 or reps.size == 0 or (bs is not None and (bs.dtype != dtype or bs.numel() != sym.numel())):
+        return reference.lc_reconstruct(symbols, representatives, base, dtype)
+    lib = _require()
+    out = torch.empty(sym.numel(), dtype=torch.float32)
+    lib.lct_lc_reconstruct_f32(
+        sym.data_ptr(), np.ascontiguousarray(reps).ctypes.data, reps.size, None if bs is None else bs.data_ptr(),
+        sym.numel(), out.data_ptr(),
+    )
+    return out
 
 
 def lq_symbols(

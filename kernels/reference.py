@@ -656,6 +656,16 @@ def _collector(n: int) -> tuple[np.ndarray, Callable[[np.ndarray], None]]:
     return symbols, add
 
 
+def lc_tables(
+    x: torch.Tensor, base: torch.Tensor | None, key_to_symbol: torch.Tensor, representatives: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lc_symbols`'s argument checks; its tables as numpy arrays (uint8, float32)."""
+    _check_lossy(x, base)
+    if key_to_symbol.numel() != NUM_FINE_KEYS:
+        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
+    return key_to_symbol.cpu().numpy().astype(np.uint8), representatives.cpu().numpy().astype(np.float32).reshape(-1)
+
+
 def lc_symbols(
     x: torch.Tensor,
     base: torch.Tensor | None,
@@ -675,11 +685,7 @@ def lc_symbols(
         TypeError: If ``x`` or ``base`` is not a tensor of a supported dtype.
         ValueError: If shapes or table sizes are wrong.
     """
-    _check_lossy(x, base)
-    if key_to_symbol.numel() != NUM_FINE_KEYS:
-        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
-    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
-    reps = representatives.cpu().numpy().astype(np.float32)
+    lut, reps = lc_tables(x, base, key_to_symbol, representatives)
     symbols, add = _collector(x.numel())
     reconstruction, nonfinite = _symbol_pass(x, base, _lc_block(lut, reps, x.dtype), add)
     return torch.from_numpy(symbols), reconstruction, nonfinite

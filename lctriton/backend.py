@@ -126,13 +126,15 @@ def lc_decode(items: list[reference.LcStream], chunk_symbols: int, device: torch
 
 
 def lc_symbols(x, base, key_to_symbol, representatives):
-    """Pass 2 without the Huffman stage (see ``reference.lc_symbols``)."""
-    return choose(x.device).lc_symbols(x, base, key_to_symbol, representatives)
+    """Pass 2 without the Huffman stage (see ``reference.lc_symbols``); on CPU, compiled for
+    float32 where it builds."""
+    return _cpu_compiled(x.device).lc_symbols(x, base, key_to_symbol, representatives)
 
 
 def lc_reconstruct(symbols, representatives, base, dtype):
-    """Symbols to values on the backend of ``symbols``' device (see ``reference.lc_reconstruct``)."""
-    return choose(symbols.device).lc_reconstruct(symbols, representatives, base, dtype)
+    """Symbols to values on the backend of ``symbols``' device (see ``reference.lc_reconstruct``);
+    on CPU, compiled for float32 where it builds."""
+    return _cpu_compiled(symbols.device).lc_reconstruct(symbols, representatives, base, dtype)
 
 
 def lq_symbols(x, base, scale, key_to_symbol, representatives):

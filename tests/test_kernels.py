@@ -381,6 +381,26 @@ def test_lc_symbols_and_reconstruct_match_reference(dtype, with_base):
     got = decode.lc_reconstruct(want[0], reps, b, dtype)
     assert_bit_exact(got, reference.lc_reconstruct(want[0], reps, b, dtype), "lc_reconstruct")
     assert_bit_exact(got, want[1], "lc_symbols reconstruction")
+    for twin in LQ_TWINS[1:]:  # the compiled CPU pass
+        _assert_same(twin.lc_symbols(x, b, lut, reps), want, f"{twin.__name__}.lc_symbols")
+        assert_bit_exact(twin.lc_reconstruct(want[0], reps, b, dtype), want[1], f"{twin.__name__}.lc_reconstruct")
+
+
+@pytest.mark.skipif(not rans_cpu.available(), reason="no C compiler to build the CPU loops")
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_compiled_lc_pass_matches_reference_on_special_values(dtype, with_base):
+    """Infinities, NaNs (a NaN base makes symbol 0 copy the base), signed zeros,
+    subnormals, past the reference's block size; and a representative table shorter than
+    the symbols (a clipped take)."""
+    x, base = _special(dtype, n=300_007)
+    b = base if with_base else None
+    lut, reps, _, _ = _tables(x, b)
+    for table in (reps, reps[:2]):
+        want = reference.lc_symbols(x, b, lut, table)
+        _assert_same(rans_cpu.lc_symbols(x, b, lut, table), want, "lc_symbols")
+        assert_bit_exact(rans_cpu.lc_reconstruct(want[0], table, b, dtype),
+                         reference.lc_reconstruct(want[0], table, b, dtype), "lc_reconstruct")
 
 
 def test_lq_rejects_a_table_with_symbol_zero():

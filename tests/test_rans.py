@@ -403,29 +403,32 @@ def test_compiled_fingerprint_matches_reference(dtype, n):
 
 
 @needs_compiled
-def test_backend_runs_fingerprints_and_lq_compiled_on_cpu_unless_reference_is_forced(monkeypatch):
+def test_backend_runs_fingerprints_lc_and_lq_compiled_on_cpu_unless_reference_is_forced(monkeypatch):
     from lctriton import codecs
 
     x = torch.rand(5000)
     plan = codecs.plan_log_buckets(reference.lc_histogram(x, None).numpy(), 2)
     lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
+    names = ("fingerprint", "lq_symbols", "lq_reconstruct", "lc_symbols", "lc_reconstruct")
     calls = []
     for module in (rans_cpu, reference):
-        for name in ("fingerprint", "lq_symbols", "lq_reconstruct"):
+        for name in names:
             real = getattr(module, name)
             monkeypatch.setattr(module, name, lambda *a, _r=real, _m=module.__name__: calls.append(_m) or _r(*a))
 
     def run():
         sym, recon, _ = backend.lq_symbols(x, x * 0.5, 0.9, lut, reps)
-        return backend.fingerprint(x), sym, recon, backend.lq_reconstruct(sym, reps, x * 0.5, 0.9, torch.float32)
+        lc_sym, lc_recon, _ = backend.lc_symbols(x, x * 0.5, lut, reps)
+        return (backend.fingerprint(x), sym, recon, backend.lq_reconstruct(sym, reps, x * 0.5, 0.9, torch.float32),
+                lc_sym, lc_recon, backend.lc_reconstruct(lc_sym, reps, x * 0.5, torch.float32))
 
     compiled = run()
-    assert calls == ["lctriton.kernels.rans_cpu"] * 3
+    assert calls == ["lctriton.kernels.rans_cpu"] * len(names)
     calls.clear()
     monkeypatch.setenv(backend.BACKEND_ENV, "reference")
     for got, want in zip(run(), compiled, strict=True):
         assert got == want if isinstance(got, int) else torch.equal(got, want)
-    assert calls == ["lctriton.kernels.reference"] * 3
+    assert calls == ["lctriton.kernels.reference"] * len(names)
 
 
 def test_compiled_coder_builds_into_its_cache_and_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog):
