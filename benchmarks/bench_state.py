@@ -11,7 +11,10 @@ checkpoints; the digits CNN with Adam when MiniLM is not installed), in one proc
   and in bf16, against zstd-3 of the same bytes, and the lossless delta against the
   previous checkpoint.
 * ``test_coder_speed``: compress time of the default coder choice against Huffman only
-  (``coder="huffman"``) on the same pair.
+  (``coder="huffman"``) on the same pair of weights; ``test_whole_state``'s ``default``,
+  ``huffman`` and ``context`` settings time the same on whole states,
+  ``test_whole_state_decompress`` the decoding, and ``test_whole_state_coder_overhead`` both,
+  the default coder and Huffman only in alternation.
 
 ``python benchmarks/run.py cpu`` runs it; ``pytest --benchmark-only benchmarks/bench_state.py``
 alone writes nothing unless given ``--benchmark-json``.
@@ -34,12 +37,16 @@ STEPS_BETWEEN, WARMUP, CHECKPOINTS = 1, 20, 5
 #: Settings of the whole-state chain: (id, codec options).
 SETTINGS = [
     ("default", {}),
+    ("huffman", {"coder": "huffman"}),
+    ("context", {"coder": "context"}),
     ("bits2", {"bits": 2}),
     ("bits2-predict", {"bits": 2, "moments": "predict"}),
     ("bits3-predict", {"moments": "predict"}),
     ("bits3-p0", {"moment_precision": 0}),
     ("first-predict", {"first_moment": "predict"}),
     ("first-predict-p1", {"first_moment": "predict", "moment_precision": 1}),
+    ("first-predict-p0", {"first_moment": "predict", "moment_precision": 0}),
+    ("first-predict-p0-context", {"first_moment": "predict", "moment_precision": 0, "coder": "context"}),
     ("huffman-lossy-moments", {"coder": "huffman", "moments": "lossy"}),
 ]
 
@@ -140,7 +147,53 @@ def test_whole_state(benchmark, run, setting):
     info["weights_error_over_motion_mean"] = float(np.mean(weight_err))
     info["next_update_cosine"] = cosine
     benchmark.pedantic(lctriton.compress, args=(states[-2],),
-                       kwargs={"base": states[-3], **setting}, rounds=3, iterations=1)
+                       kwargs={"base": states[-3], **setting}, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="state-coder")
+def test_whole_state_coder_overhead(benchmark, run):
+    """Compress and decompress time of the default coder against Huffman only on one
+    whole-state delta, the two timed in alternation (ten rounds each) so that drift of a
+    shared machine falls on both; ``extra_info`` has the medians and their ratios. The
+    benchmark's own statistics time the default coder."""
+    import statistics
+    import time
+
+    work, states = run
+    _, base = lctriton.compress(states[-3], return_reconstruction=True)
+    x = states[-2]
+    times: dict[str, list[float]] = {}
+    data = {}
+    for _ in range(1 if benchmark.disabled else 10):  # the smoke pass only checks that it runs
+        for coder in ("huffman", "auto"):
+            start = time.perf_counter()
+            data[coder] = lctriton.compress(x, base=base, coder=coder).to_bytes()
+            times.setdefault(f"compress_{coder}", []).append(time.perf_counter() - start)
+            start = time.perf_counter()
+            lctriton.decompress(data[coder], base=base)
+            times.setdefault(f"decompress_{coder}", []).append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    info = benchmark.extra_info
+    info["workload"] = work.name
+    info["median_s"] = medians
+    info["compress_ratio_to_huffman"] = medians["compress_auto"] / medians["compress_huffman"]
+    info["decompress_ratio_to_huffman"] = medians["decompress_auto"] / medians["decompress_huffman"]
+    info["nbytes"] = {coder: len(d) for coder, d in data.items()}
+    benchmark.pedantic(lctriton.compress, args=(x,), kwargs={"base": base}, rounds=3, iterations=1)
+
+
+@pytest.mark.benchmark(group="state-decompress")
+@pytest.mark.parametrize("coder", ["auto", "huffman", "context"])
+def test_whole_state_decompress(benchmark, run, coder):
+    """Decoding one whole-state delta written with each coder (the same reconstruction)."""
+    work, states = run
+    _, base = lctriton.compress(states[-3], return_reconstruction=True)
+    data = lctriton.compress(states[-2], base=base, coder=coder).to_bytes()
+    benchmark.extra_info["workload"] = work.name
+    benchmark.extra_info["coder"] = coder
+    benchmark.extra_info["nbytes"] = len(data)
+    benchmark.pedantic(lctriton.decompress, args=(data,), kwargs={"base": base}, rounds=5, iterations=1,
+                       warmup_rounds=1)
 
 
 def _zstd_ratio(data: bytes) -> float | None:

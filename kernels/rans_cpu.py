@@ -356,6 +356,39 @@ def _flat_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().reshape(-1).cpu().contiguous()
 
 
+def _symbol_pass(loop: str, x: torch.Tensor, base: torch.Tensor | None, lut: np.ndarray, reps: np.ndarray,
+                 *scale: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Run a compiled float32 symbol pass (lc or lq, whose loops take the scale after the
+    base): the symbols, the reconstruction and whether it holds a non-finite value."""
+    lib = _require()
+    xs, bs = _flat_cpu(x), _flat_cpu(base)
+    lut = np.ascontiguousarray(lut)
+    symbols = torch.empty(xs.numel(), dtype=torch.uint8)
+    out = torch.empty(xs.numel(), dtype=torch.float32)
+    nonfinite = getattr(lib, loop)(
+        xs.data_ptr(), None if bs is None else bs.data_ptr(), *scale, lut.ctypes.data, reps.ctypes.data, reps.size,
+        xs.numel(), symbols.data_ptr(), out.data_ptr(),
+    )
+    return symbols, out, bool(nonfinite)
+
+
+def _reconstruct_pass(loop: str, symbols, representatives, base: torch.Tensor | None, dtype: torch.dtype,
+                      *scale: float) -> torch.Tensor | None:
+    """Run a compiled float32 reconstruction (lc or lq); None where the reference must (another
+    dtype, an empty table, a base that does not fit)."""
+    reps = np.ascontiguousarray(reference._as_numpy(representatives, np.float32))
+    sym = torch.from_numpy(np.ascontiguousarray(reference._as_numpy(symbols, np.uint8)))
+    bs = _flat_cpu(base)
+    if dtype != torch.float32 or reps.size == 0 or (bs is not None and (bs.dtype != dtype or bs.numel() != sym.numel())):
+        return None
+    out = torch.empty(sym.numel(), dtype=torch.float32)
+    getattr(_require(), loop)(
+        sym.data_ptr(), reps.ctypes.data, reps.size, None if bs is None else bs.data_ptr(), *scale, sym.numel(),
+        out.data_ptr(),
+    )
+    return out
+
+
 def lc_symbols(
     x: torch.Tensor,
     base: torch.Tensor | None,
@@ -367,16 +400,7 @@ def lc_symbols(
     lut, reps = lc_tables(x, base, key_to_symbol, representatives)
     if x.dtype != torch.float32 or reps.size == 0:
         return reference.lc_symbols(x, base, key_to_symbol, representatives)
-    lib = _require()
-    xs, bs = _flat_cpu(x), _flat_cpu(base)
-    lut = np.ascontiguousarray(lut)
-    symbols = torch.empty(xs.numel(), dtype=torch.uint8)
-    out = torch.empty(xs.numel(), dtype=torch.float32)
-    nonfinite = lib.lct_lc_symbols_f32(
-        xs.data_ptr(), None if bs is None else bs.data_ptr(), lut.ctypes.data, reps.ctypes.data, reps.size,
-        xs.numel(), symbols.data_ptr(), out.data_ptr(),
-    )
-    return symbols, out, bool(nonfinite)
+    return _symbol_pass("lct_lc_symbols_f32", x, base, lut, reps)
 
 
 def lc_reconstruct(
@@ -387,18 +411,8 @@ def lc_reconstruct(
 ) -> torch.Tensor:
     """Same arguments and result as :func:`lctriton.kernels.reference.lc_reconstruct`:
     compiled for float32, the reference for other dtypes."""
-    reps = reference._as_numpy(representatives, np.float32)
-    sym = torch.from_numpy(np.ascontiguousarray(reference._as_numpy(symbols, np.uint8)))
-    bs = _flat_cpu(base)
-    if dtype != torch.float32 or reps.size == 0 or (bs is not None and (bs.dtype != dtype or bs.numel() != sym.numel())):
-        return reference.lc_reconstruct(symbols, representatives, base, dtype)
-    lib = _require()
-    out = torch.empty(sym.numel(), dtype=torch.float32)
-    lib.lct_lc_reconstruct_f32(
-        sym.data_ptr(), np.ascontiguousarray(reps).ctypes.data, reps.size, None if bs is None else bs.data_ptr(),
-        sym.numel(), out.data_ptr(),
-    )
-    return out
+    out = _reconstruct_pass("lct_lc_reconstruct_f32", symbols, representatives, base, dtype)
+    return reference.lc_reconstruct(symbols, representatives, base, dtype) if out is None else out
 
 
 def lq_symbols(
@@ -413,16 +427,7 @@ def lq_symbols(
     lut, reps = lq_tables(x, base, key_to_symbol, representatives)
     if x.dtype != torch.float32 or reps.size == 0:
         return reference.lq_symbols(x, base, scale, key_to_symbol, representatives)
-    lib = _require()
-    xs, bs = _flat_cpu(x), _flat_cpu(base)
-    lut = np.ascontiguousarray(lut)
-    symbols = torch.empty(xs.numel(), dtype=torch.uint8)
-    out = torch.empty(xs.numel(), dtype=torch.float32)
-    nonfinite = lib.lct_lq_symbols_f32(
-        xs.data_ptr(), None if bs is None else bs.data_ptr(), float(np.float32(scale)),
-        lut.ctypes.data, reps.ctypes.data, reps.size, xs.numel(), symbols.data_ptr(), out.data_ptr(),
-    )
-    return symbols, out, bool(nonfinite)
+    return _symbol_pass("lct_lq_symbols_f32", x, base, lut, reps, float(np.float32(scale)))
 
 
 def lq_reconstruct(
@@ -434,15 +439,5 @@ def lq_reconstruct(
 ) -> torch.Tensor:
     """Same arguments and result as :func:`lctriton.kernels.reference.lq_reconstruct`:
     compiled for float32, the reference for other dtypes."""
-    reps = reference._as_numpy(representatives, np.float32)
-    sym = torch.from_numpy(np.ascontiguousarray(reference._as_numpy(symbols, np.uint8)))
-    bs = _flat_cpu(base)
-    if dtype != torch.float32 or reps.size == 0 or (bs is not None and (bs.dtype != dtype or bs.numel() != sym.numel())):
-        return reference.lq_reconstruct(symbols, representatives, base, scale, dtype)
-    lib = _require()
-    out = torch.empty(sym.numel(), dtype=torch.float32)
-    lib.lct_lq_reconstruct_f32(
-        sym.data_ptr(), np.ascontiguousarray(reps).ctypes.data, reps.size,
-        None if bs is None else bs.data_ptr(), float(np.float32(scale)), sym.numel(), out.data_ptr(),
-    )
-    return out
+    out = _reconstruct_pass("lct_lq_reconstruct_f32", symbols, representatives, base, dtype, float(np.float32(scale)))
+    return reference.lq_reconstruct(symbols, representatives, base, scale, dtype) if out is None else out

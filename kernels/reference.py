@@ -440,14 +440,12 @@ def _lq_block(
 def lq_tables(
     x: torch.Tensor, base: torch.Tensor | None, key_to_symbol: torch.Tensor, representatives: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`lq_symbols`'s argument checks; its tables as numpy arrays (uint8, float32)."""
-    _check_lossy(x, base)
-    if key_to_symbol.numel() != NUM_FINE_KEYS:
-        raise ValueError(f"key_to_symbol must have {NUM_FINE_KEYS} entries, got {key_to_symbol.numel()}")
-    lut = key_to_symbol.cpu().numpy().astype(np.uint8)
+    """:func:`lq_symbols`'s argument checks (:func:`lc_tables`'s, and no fine key may map to
+    symbol 0, the prediction's); its tables as numpy arrays (uint8, float32)."""
+    lut, reps = lc_tables(x, base, key_to_symbol, representatives)
     if not lut.all():
         raise ValueError("key_to_symbol must map every fine key to a symbol of 1 or more")
-    return lut, representatives.cpu().numpy().astype(np.float32).reshape(-1)
+    return lut, reps
 
 
 def lq_symbols(
