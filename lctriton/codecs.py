@@ -342,6 +342,27 @@ def _context_streams(
     return tables, parts
 
 
+def _moments_pay(
+    x: torch.Tensor,
+    b: torch.Tensor | None,
+    lut: torch.Tensor,
+    reps: torch.Tensor,
+    context: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]],
+    plain: float,
+    chunk_symbols: int,
+) -> bool:
+    """Whether ``lc/3`` saves at least :data:`CONTEXT_MIN_SAVING` of ``plain`` (the cheaper of
+    ``lc/1`` and ``lc/2``, exact), as the :data:`SCALE_SAMPLE` strided elements (all, for a
+    smaller tensor) estimate it: their symbols and contexts, priced at their entropies scaled
+    to the tensor. Deciding on the sample keeps the full symbol and context passes off
+    tensors that stay ``lc/1`` or ``lc/2``."""
+    sym, _, _ = backend.lc_symbols(_strided(x), None if b is None else _strided(b), lut, reps)
+    ctx = backend.moment_contexts(_strided(context[0][1]), _strided(context[1][1]))
+    nsym = reps.numel()
+    joint = backend.context_histogram(ctx.cpu(), sym.cpu(), nsym).numpy() * (x.numel() / sym.numel())
+    return _context_bits(joint, chunk_symbols) <= (1.0 - CONTEXT_MIN_SAVING) * plain
+
+
 def encode_lc(
     tensor: torch.Tensor,
     base: torch.Tensor | None,
@@ -360,8 +381,9 @@ def encode_lc(
         chunk_symbols: Symbols per chunk.
         coder: ``"huffman"`` (lc/1), ``"rans"`` (lc/2), ``"context"`` (lc/3 where ``context``
             is given, else lc/2) or ``"auto"``: lc/3 where it saves at least
-            :data:`CONTEXT_MIN_SAVING` of the cheaper of the others, else rANS where it saves
-            at least :data:`RANS_MIN_SAVING` of the Huffman payload, by the histograms.
+            :data:`CONTEXT_MIN_SAVING` of the cheaper of the others (estimated on a strided
+            sample: :func:`_moments_pay`), else rANS where it saves at least
+            :data:`RANS_MIN_SAVING` of the Huffman payload, by the histogram.
         context: ``((name, exp_avg), (name, exp_avg_sq))``: the base's Adam moments of this
             parameter (dotted names in the base state, tensors with as many elements), which
             ``lc/3`` groups the symbols by.
@@ -395,13 +417,11 @@ def encode_lc(
     symbols = contexts = None
     if lengths.any():
         freqs = rans.quantize_frequencies(plan.symbol_counts)
-        if context is not None and coder in ("auto", "context"):
+        plain = min(_huffman_bits(plan.symbol_counts, lengths, nchunks), _rans_bits(plan.symbol_counts, freqs, nchunks))
+        if context is not None and (coder == "context" or (coder == "auto" and _moments_pay(x, b, lut, reps, context, plain, chunk_symbols))):
             symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
             contexts = backend.moment_contexts(context[0][1].to(dev), context[1][1].to(dev))
             joint = backend.context_histogram(contexts, symbols, plan.representatives.size).cpu().numpy()
-            plain = min(_huffman_bits(plan.symbol_counts, lengths, nchunks), _rans_bits(plan.symbol_counts, freqs, nchunks))
-            if coder == "auto" and _context_bits(joint, chunk_symbols) > (1.0 - CONTEXT_MIN_SAVING) * plain:
-                contexts = None
         coder = choose_coder(plan.symbol_counts, lengths, freqs, nchunks, "rans" if coder == "context" else coder)
     else:
         coder = "huffman"  # a fill: no stream either way
