@@ -646,11 +646,9 @@ def _binade_pays(symbols: torch.Tensor, base: torch.Tensor, offset: int, nsym: i
     the :data:`SCALE_SAMPLE` strided elements (all, for a smaller tensor) estimate it: both
     priced at the sample's entropies scaled to the tensor, tables as written. Deciding on the
     sample keeps the full context pass off tensors that stay ``lq/1``."""
-    sym = _strided(symbols).cpu().to(torch.int64)
-    ctx = backend.binade_contexts(_strided(base), offset).cpu().to(torch.int64)
-    joint = torch.bincount(ctx * nsym + sym, minlength=NUM_BINADE_CONTEXTS * nsym).reshape(NUM_BINADE_CONTEXTS, nsym)
-    scale = symbols.numel() / sym.numel()
-    joint = joint.numpy() * scale
+    sym = _strided(symbols).cpu()
+    ctx = backend.binade_contexts(_strided(base), offset).cpu()
+    joint = backend.context_histogram(ctx, sym, nsym).numpy()[:NUM_BINADE_CONTEXTS] * (symbols.numel() / sym.numel())
     grouped = _context_bits(joint, chunk_symbols)
     plain = _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
     return grouped <= (1.0 - CONTEXT_MIN_SAVING) * plain
