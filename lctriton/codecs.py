@@ -536,10 +536,9 @@ SCALE_SAMPLE = 1 << 16
 def _scale_sample(tensor: torch.Tensor, base: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Elements ``0, s, 2s, ...`` (``s = ceil(numel / SCALE_SAMPLE)``) of both, as float64,
     where both are finite."""
-    stride = max(1, -(-tensor.numel() // SCALE_SAMPLE))
     # float64 holds every float dtype exactly (numpy has no bfloat16).
-    xs = tensor.detach().reshape(-1)[::stride].to(torch.float64).cpu().numpy()
-    bs = base.detach().reshape(-1)[::stride].to(torch.float64).cpu().numpy()
+    xs = _strided(tensor).to(torch.float64).cpu().numpy()
+    bs = _strided(base).to(torch.float64).cpu().numpy()
     finite = np.isfinite(xs) & np.isfinite(bs)
     return xs[finite], bs[finite]
 
@@ -959,21 +958,32 @@ def _rans_table(record: dict, field: str, name: str, nsym: int, fill: Any, numel
         raise _fail(name, f"'fill' must be a symbol below {nsym}, got {fill!r}")
 
 
-def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
+def _symbol_fields(record: dict, name: str, codec: str, dtype_name: str) -> list:
+    """The fields every rANS-coded lossy record has: a lossy dtype, the chunk, the symbol
+    width (``lc``) or the precision and scale (``lq``), and the representatives, which it
+    returns."""
     if dtype_name not in _LOSSY_NAMES:
         raise _fail(name, f"codec {codec} cannot hold dtype {dtype_name}")
     _chunk(record, name)
-    if codec == LC2:
-        bits = _int(record, "bits", name, 1, 8)
-        most = 1 << bits
+    if codec in (LC2, LC3):
+        most = 1 << _int(record, "bits", name, 1, 8)
     else:
-        _lq_fields(record, name)
+        _int(record, "precision", name, 0, MAX_LOG_PRECISION)
+        scale = _int(record, "scale", name, 0, (1 << 32) - 1)
+        value = float(np.uint32(scale).view(np.float32))
+        if not 0.0 < value < math.inf:
+            raise _fail(name, f"'scale' must be a positive finite float32, got {value!r}")
         most = 256
     reps = record.get("reps")
     if not isinstance(reps, list) or not 1 <= len(reps) <= most:
         raise _fail(name, f"'reps' must list 1 to {most} values")
     if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 32 for r in reps):
         raise _fail(name, "'reps' must hold uint32 bit patterns")
+    return reps
+
+
+def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
+    reps = _symbol_fields(record, name, codec, dtype_name)
     if "fill" not in record:
         raise _fail(name, "field 'fill' is missing")
     fill = record["fill"]
@@ -986,31 +996,11 @@ def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, 
     _base_field(record, name)
 
 
-def _lq_fields(record: dict, name: str) -> None:
-    """lq/1 and lq/2's own fields: the precision and the positive, finite float32 scale."""
-    _int(record, "precision", name, 0, MAX_LOG_PRECISION)
-    scale = _int(record, "scale", name, 0, (1 << 32) - 1)
-    value = float(np.uint32(scale).view(np.float32))
-    if not 0.0 < value < math.inf:
-        raise _fail(name, f"'scale' must be a positive finite float32, got {value!r}")
-
-
 def _validate_context_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
-    if dtype_name not in _LOSSY_NAMES:
-        raise _fail(name, f"codec {codec} cannot hold dtype {dtype_name}")
-    _chunk(record, name)
-    if codec == LC3:
-        bits = _int(record, "bits", name, 1, 8)
-        most, ncontexts = 1 << bits, NUM_CONTEXTS
-    else:
-        _lq_fields(record, name)
+    reps = _symbol_fields(record, name, codec, dtype_name)
+    ncontexts = NUM_CONTEXTS if codec == LC3 else NUM_BINADE_CONTEXTS
+    if codec == LQ2:
         _int(record, "offset", name, 0, reference.MAX_BINADE_OFFSET)
-        most, ncontexts = 256, NUM_BINADE_CONTEXTS
-    reps = record.get("reps")
-    if not isinstance(reps, list) or not 1 <= len(reps) <= most:
-        raise _fail(name, f"'reps' must list 1 to {most} values")
-    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 32 for r in reps):
-        raise _fail(name, "'reps' must hold uint32 bit patterns")
     context = record.get("context")
     if codec == LC3 and not (
         isinstance(context, list)
