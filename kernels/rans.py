@@ -18,10 +18,13 @@ Parallel layout: one lane per chunk, ``_LANES`` chunks side by side in one progr
 lane walks a constant ``CHUNK`` steps and lanes past their chunk's end (only a stream's last
 chunk is shorter) are masked.
 
-* ``_rans_encode_kernel`` writes each chunk's words into its own scratch region of
-  ``CHUNK + 2`` words, from the region's end backwards, so that after the loop the chunk's
-  stream is one contiguous range ending at the region's end; it returns each chunk's word
-  count and whether it met a symbol of frequency 0.
+* ``_rans_encode_kernel`` reads each lane's first symbol, length and table from per-lane
+  arrays, so one launch codes many streams with a table each (``rans_encode_streams``: the
+  contexts of ``lc/3`` and ``lq/2`` records, with one host transfer for all of them). It
+  writes each chunk's words into its own scratch region of ``CHUNK + 2`` words, from the
+  region's end backwards, so that after the loop the chunk's stream is one contiguous range
+  ending at the region's end; it returns each chunk's word count and whether it met a symbol
+  of frequency 0.
 * The launcher turns counts into output offsets (a prefix sum), and ``_rans_gather_kernel``
   (one program per chunk) copies each range to its place: every output word has exactly one
   writer, so the stream is deterministic.
@@ -44,9 +47,10 @@ from lctriton.kernels.reference import (
     RansStream,
     _check_rans_table,
     check_chunk_symbols,
+    rans_streams_input,
 )
 
-__all__ = ["rans_encode", "rans_decode", "RansStream"]
+__all__ = ["rans_encode", "rans_encode_streams", "rans_decode", "RansStream"]
 
 #: Chunks coded side by side by one program, and the warps that run them; performance only.
 #: With one lane per chunk a stream has few lanes (10M symbols in chunks of 4096: 2442), so
@@ -69,21 +73,24 @@ def _word(v):
 
 @triton.jit
 def _rans_encode_kernel(
-    sym_ptr,  # *uint8 [n]: the symbols
-    freq_ptr,  # *int32 [256]: frequency of each symbol (0 for unused ones)
-    cum_ptr,  # *int32 [256]: cumulative frequency of each symbol
+    sym_ptr,  # *uint8: the symbols
+    freq_ptr,  # *int32 [streams * 256]: frequency of each symbol in each stream (0: unused)
+    cum_ptr,  # *int32 [streams * 256]: cumulative frequency of each symbol in each stream
+    first_ptr,  # *int64 [nchunks]: each chunk's first symbol
+    size_ptr,  # *int64 [nchunks]: each chunk's symbols (at most CHUNK)
+    table_ptr,  # *int64 [nchunks]: each chunk's stream, whose table codes it
     scratch_ptr,  # *int16 [nchunks * (CHUNK + 2)]: out, each chunk's words at its region's end
     count_ptr,  # *int64 [nchunks]: out, words of each chunk
     bad_ptr,  # *int64 [nchunks]: out, 1 when the chunk holds a symbol of frequency 0
-    n,
     nchunks,
     CHUNK: tl.constexpr,  # symbols per chunk: part of the format
     LANES: tl.constexpr,  # chunks per program: performance only
 ):
     lane = tl.program_id(0).to(tl.int64) * LANES + tl.arange(0, LANES)
     live = lane < nchunks
-    first = lane * CHUNK
-    count = tl.where(live, tl.minimum(n - first, CHUNK), 0)
+    first = tl.load(first_ptr + lane, mask=live, other=0)
+    count = tl.load(size_ptr + lane, mask=live, other=0)
+    table = tl.load(table_ptr + lane, mask=live, other=0) * 256
     # The region's end: words are written backwards from here, so that the last word emitted
     # (read first by the decoder) ends up lowest.
     top = (lane + 1) * (CHUNK + 2)
@@ -95,9 +102,9 @@ def _rans_encode_kernel(
     for j in range(0, CHUNK):
         i = CHUNK - 1 - j
         act = live & (i < count)
-        s = tl.load(sym_ptr + first + i, mask=act, other=0).to(tl.int32)
-        f = tl.load(freq_ptr + s, mask=act, other=1).to(tl.uint32)
-        c = tl.load(cum_ptr + s, mask=act, other=0).to(tl.uint32)
+        s = tl.load(sym_ptr + first + i, mask=act, other=0).to(tl.int64)
+        f = tl.load(freq_ptr + table + s, mask=act, other=1).to(tl.uint32)
+        c = tl.load(cum_ptr + table + s, mask=act, other=0).to(tl.uint32)
         bad = tl.maximum(bad, (act & (f == 0)).to(tl.int64))
         f = tl.where(f == 0, 1, f)  # no division by zero; the launcher raises for such chunks
         # f <= 4095, so f << 20 < 2**32: the limit fits the 32-bit state.
@@ -195,11 +202,14 @@ def _table_array(freqs: object) -> np.ndarray:
 
 
 def _device_tables(f: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frequency and cumulative tables padded to 256 entries (int32) on ``device``."""
-    freq = np.zeros(_ALPHABET, dtype=np.int32)
-    freq[: f.size] = f
-    cum = np.concatenate(([0], np.cumsum(freq)[:-1])).astype(np.int32)
-    return torch.from_numpy(freq).to(device), torch.from_numpy(cum).to(device)
+    """Frequency and cumulative tables padded to 256 entries (int32) on ``device``: one
+    table for a 1-D ``f``, one after the other for the rows of a 2-D one."""
+    rows = np.atleast_2d(f)
+    freq = np.zeros((rows.shape[0], _ALPHABET), dtype=np.int32)
+    freq[:, : rows.shape[1]] = rows
+    cum = np.zeros_like(freq)
+    np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
+    return torch.from_numpy(freq.reshape(-1)).to(device), torch.from_numpy(cum.reshape(-1)).to(device)
 
 
 def _launch_options() -> dict:
@@ -236,29 +246,65 @@ def rans_encode(
     chunk = check_chunk_symbols(chunk_symbols)
     f = _check_rans_table(_table_array(freqs))
     flat = check_tensor("symbols", symbols)
+    return _encode_streams(flat, np.array([0]), np.array([flat.numel()]), f[None, :], chunk)[0]
+
+
+def rans_encode_streams(
+    symbols: torch.Tensor, spans: list[tuple[int, int]], freqs: object, chunk_symbols: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """rANS-code several streams of one symbol tensor, each with its own table, in one launch
+    on the GPU (or in the interpreter).
+
+    See :func:`lctriton.kernels.reference.rans_encode_streams` for the arguments, the
+    result (on the symbols' device) and the errors; the kernels also raise ValueError when
+    they cannot run where the symbols are.
+    """
+    if not isinstance(symbols, torch.Tensor):
+        raise TypeError(f"symbols must be a tensor, got {type(symbols).__name__}")
+    flat, starts, counts, tables = rans_streams_input(symbols, spans, freqs, chunk_symbols)
+    return _encode_streams(check_tensor("symbols", flat), starts, counts, tables, chunk_symbols)
+
+
+def _encode_streams(
+    flat: torch.Tensor, starts: np.ndarray, sizes: np.ndarray, tables: np.ndarray, chunk: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Code stream ``j`` (``sizes[j]`` symbols of ``flat`` from ``starts[j]``) with table
+    ``tables[j]``: every chunk of every stream is a lane of one launch, then one host
+    transfer reads the words each chunk took."""
     dev = flat.device
-    n = flat.numel()
-    if n == 0:
-        empty = torch.zeros(0, dtype=torch.int16, device=dev)
-        return empty, torch.zeros(0, dtype=torch.int64, device=dev)
-    nchunks = triton.cdiv(n, chunk)
-    freq, cum = _device_tables(f, dev)
+    chunks = -(-sizes // chunk)
+    nchunks = int(chunks.sum())
+    if nchunks == 0:
+        words = torch.zeros(0, dtype=torch.int16, device=dev)
+        return [(words, torch.zeros(0, dtype=torch.int64, device=dev)) for _ in range(sizes.size)]
+    stream = np.repeat(np.arange(sizes.size), chunks)
+    k = np.arange(nchunks) - np.repeat(np.cumsum(chunks) - chunks, chunks)  # chunk within its stream
+    first = starts[stream] + k * chunk
+    size = np.minimum(sizes[stream] - k * chunk, chunk)
+    lanes = torch.from_numpy(np.stack((first, size, stream)).astype(np.int64)).to(dev)
+    freq, cum = _device_tables(tables, dev)
     scratch = torch.empty(nchunks * (chunk + 2), dtype=torch.int16, device=dev)
     counts = torch.empty(nchunks, dtype=torch.int64, device=dev)
     bad = torch.empty(nchunks, dtype=torch.int64, device=dev)
     _rans_encode_kernel[(triton.cdiv(nchunks, _LANES),)](
-        flat, freq, cum, scratch, counts, bad, n, nchunks,
+        flat, freq, cum, lanes[0], lanes[1], lanes[2], scratch, counts, bad, nchunks,
         CHUNK=chunk, LANES=_LANES, **_launch_options(),
     )
-    # One transfer for both: the stream's length and whether a symbol had frequency 0.
-    total, nbad = torch.stack((counts.sum(), bad.sum())).tolist()
-    if nbad:
+    # One transfer for both: the words of each chunk and whether a symbol had frequency 0.
+    host = torch.cat((counts, bad.sum().view(1))).cpu().numpy()
+    if host[-1]:
         raise ValueError(RANS_ZERO_FREQUENCY)
-    offsets = torch.cumsum(counts, 0) - counts
-    words = torch.empty(total, dtype=torch.int16, device=dev)
+    chunk_ends = np.cumsum(host[:-1])
+    offsets = torch.from_numpy(chunk_ends - host[:-1]).to(dev)
+    words = torch.empty(int(chunk_ends[-1]), dtype=torch.int16, device=dev)
     block = min(_GATHER_BLOCK, triton.next_power_of_2(chunk + 2))
     _rans_gather_kernel[(nchunks,)](scratch, counts, offsets, words, SPAN=chunk + 2, BLOCK=block)
-    return words, counts
+    bounds = np.concatenate(([0], np.cumsum(chunks))).tolist()
+    word_at = np.concatenate(([0], chunk_ends)).tolist()
+    return [
+        (words[word_at[c0] : word_at[c1]], counts[c0:c1])
+        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def _stream_words(item: RansStream) -> torch.Tensor:

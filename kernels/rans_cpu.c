@@ -18,61 +18,197 @@
 #define SLOT_MASK ((1u << PROB_BITS) - 1u)
 #define RANS_LOW (1u << 16)
 
-/* Encode `numel` symbols in chunks of `chunk` (the last one shorter).
- *
- * freq, cum: 256 entries each. out: room for numel + 2 * nchunks words. counts: one entry
- * per chunk. scratch: room for `chunk` words.
- *
- * Returns the number of words written, or -1 if a symbol has frequency 0 (out is then
- * undefined).
- */
-int64_t lct_rans_encode(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
-                        const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
-{
-    /* x / f without a division (a division costs several times the rest of a step): for
-     * 0 <= x < 2**32 and 1 <= f <= 2**12, with l = ceil(log2 f) and
-     * m = floor(2**(32 + l) / f) + 1, x / f == (x * m) >> (32 + l) (Granlund and Montgomery,
-     * 1994); m has 33 bits, so the product takes 128. */
+/* A stream's table as the encoder uses it. x / f without a division (a division costs
+ * several times the rest of a step): for 0 <= x < 2**32 and 1 <= f <= 2**12, with
+ * l = ceil(log2 f) and m = floor(2**(32 + l) / f) + 1, x / f == (x * m) >> (32 + l)
+ * (Granlund and Montgomery, 1994); m has 33 bits, so the product takes 128. */
+struct enc_table {
     uint64_t magic[256];
     unsigned shift[256];
+    const uint32_t *freq;
+    const uint32_t *cum;
+};
+
+static void enc_table_init(struct enc_table *t, const uint32_t *freq, const uint32_t *cum)
+{
     for (int s = 0; s < 256; s++) {
         unsigned l = 0;
         while (l < 12 && (1u << l) < freq[s])
             l++;
-        shift[s] = 32 + l;
-        magic[s] = freq[s] ? ((uint64_t)1 << shift[s]) / freq[s] + 1 : 0;
+        t->shift[s] = 32 + l;
+        t->magic[s] = freq[s] ? ((uint64_t)1 << t->shift[s]) / freq[s] + 1 : 0;
     }
+    t->freq = freq;
+    t->cum = cum;
+}
+
+/* One step of the coder: symbol s into state x, a word into scratch when it renormalizes.
+ * A symbol of frequency 0 sets *bad; the state is then meaningless but every write stays
+ * inside scratch (at most one word per symbol). */
+static inline uint32_t enc_step(uint32_t x, unsigned s, const struct enc_table *t, uint16_t *scratch,
+                                int64_t *emitted, unsigned *bad)
+{
+    uint32_t f = t->freq[s];
+    *bad |= f == 0;
+    /* f <= 4095, so f << 20 < 2**32; after the test x < f << 20, so the new state
+     * ((x / f) << 12) + x % f + c stays below 2**32. */
+    if (x >= (f << 20)) {
+        scratch[(*emitted)++] = (uint16_t)x;
+        x >>= 16;
+    }
+    uint32_t q = (uint32_t)(((unsigned __int128)x * t->magic[s]) >> t->shift[s]);
+    return (q << PROB_BITS) + (x - q * f) + t->cum[s];
+}
+
+/* A coded chunk into out: the final state (low half first), then the words in the
+ * decoder's reading order, the reverse of their emission. Returns the words written. */
+static int64_t enc_flush(uint32_t x, const uint16_t *scratch, int64_t emitted, uint16_t *out)
+{
+    out[0] = (uint16_t)x;
+    out[1] = (uint16_t)(x >> 16);
+    for (int64_t j = 0; j < emitted; j++)
+        out[2 + j] = scratch[emitted - 1 - j];
+    return emitted + 2;
+}
+
+/* Chunks coded side by side: each chunk's state is one long chain of dependent
+ * multiplies, so coding four independent chunks in one loop lets the core overlap them. */
+#define ENC_WAYS 4
+
+/* Encode `numel` symbols in chunks of `chunk` (the last one shorter).
+ *
+ * freq, cum: 256 entries each. out: room for numel + 2 * nchunks words. counts: one entry
+ * per chunk. scratch: room for lct_rans_encode_scratch(chunk) words.
+ *
+ * Returns the number of words written, or -1 if a symbol has frequency 0 (out is then
+ * undefined).
+ */
+static int64_t encode_stream(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
+                             const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
+{
+    struct enc_table t;
+    enc_table_init(&t, freq, cum);
+    unsigned bad = 0;
     int64_t total = 0;
     int64_t nchunks = (numel + chunk - 1) / chunk;
-    for (int64_t k = 0; k < nchunks; k++) {
+    int64_t full = numel / chunk;
+    int64_t k = 0;
+    for (; k + ENC_WAYS <= full; k += ENC_WAYS) {
+        const uint8_t *s0 = sym + k * chunk, *s1 = s0 + chunk, *s2 = s1 + chunk, *s3 = s2 + chunk;
+        uint16_t *w0 = scratch, *w1 = w0 + chunk, *w2 = w1 + chunk, *w3 = w2 + chunk;
+        uint32_t x0 = RANS_LOW, x1 = RANS_LOW, x2 = RANS_LOW, x3 = RANS_LOW;
+        int64_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+        for (int64_t i = chunk - 1; i >= 0; i--) {
+            x0 = enc_step(x0, s0[i], &t, w0, &e0, &bad);
+            x1 = enc_step(x1, s1[i], &t, w1, &e1, &bad);
+            x2 = enc_step(x2, s2[i], &t, w2, &e2, &bad);
+            x3 = enc_step(x3, s3[i], &t, w3, &e3, &bad);
+        }
+        if (bad)
+            return -1;
+        total += counts[k] = enc_flush(x0, w0, e0, out + total);
+        total += counts[k + 1] = enc_flush(x1, w1, e1, out + total);
+        total += counts[k + 2] = enc_flush(x2, w2, e2, out + total);
+        total += counts[k + 3] = enc_flush(x3, w3, e3, out + total);
+    }
+    for (; k < nchunks; k++) {
         const uint8_t *s = sym + k * chunk;
         int64_t len = (k == nchunks - 1) ? numel - k * chunk : chunk;
         uint32_t x = RANS_LOW;
         int64_t emitted = 0;
-        for (int64_t i = len - 1; i >= 0; i--) {
-            uint32_t f = freq[s[i]];
-            if (f == 0)
-                return -1;
-            /* f <= 4095, so f << 20 < 2**32; after the test x < f << 20, so the new state
-             * ((x / f) << 12) + x % f + c stays below 2**32. */
-            if (x >= (f << 20)) {
-                scratch[emitted++] = (uint16_t)x;
-                x >>= 16;
-            }
-            uint32_t q = (uint32_t)(((unsigned __int128)x * magic[s[i]]) >> shift[s[i]]);
-            x = (q << PROB_BITS) + (x - q * f) + cum[s[i]];
-        }
-        /* The final state (low half first), then the words in the decoder's reading order:
-         * the reverse of their emission. */
-        uint16_t *o = out + total;
-        o[0] = (uint16_t)x;
-        o[1] = (uint16_t)(x >> 16);
-        for (int64_t j = 0; j < emitted; j++)
-            o[2 + j] = scratch[emitted - 1 - j];
-        counts[k] = emitted + 2;
-        total += emitted + 2;
+        for (int64_t i = len - 1; i >= 0; i--)
+            x = enc_step(x, s[i], &t, scratch, &emitted, &bad);
+        if (bad)
+            return -1;
+        total += counts[k] = enc_flush(x, scratch, emitted, out + total);
     }
     return total;
+}
+
+/* Words of scratch the encoders need for chunks of `chunk` symbols. */
+int64_t lct_rans_encode_scratch(int64_t chunk)
+{
+    return ENC_WAYS * chunk;
+}
+
+/* encode_stream: one stream, one table. */
+int64_t lct_rans_encode(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
+                        const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
+{
+    return encode_stream(sym, numel, chunk, freq, cum, out, counts, scratch);
+}
+
+/* Encode `nstreams` streams, stream j being the numel[j] symbols from sym + start[j] coded
+ * with its own table (freq and cum: 256 entries per stream), each exactly as
+ * lct_rans_encode codes it alone.
+ *
+ * out: room for sum(numel) + 2 * (total chunks) words; the streams' words follow each
+ * other. counts: one entry per chunk, the streams' chunks in order. words: the words of
+ * each stream. scratch: room for lct_rans_encode_scratch(chunk) words.
+ *
+ * Returns the number of words written, or -1 if a symbol has frequency 0 in its stream's
+ * table (out is then undefined).
+ */
+int64_t lct_rans_encode_streams(const uint8_t *sym, int64_t nstreams, const int64_t *start,
+                                const int64_t *numel, int64_t chunk, const uint32_t *freq,
+                                const uint32_t *cum, uint16_t *out, int64_t *counts, int64_t *words,
+                                uint16_t *scratch)
+{
+    int64_t total = 0;
+    for (int64_t j = 0; j < nstreams; j++) {
+        int64_t n = encode_stream(sym + start[j], numel[j], chunk, freq + 256 * j, cum + 256 * j,
+                                  out + total, counts, scratch);
+        if (n < 0)
+            return -1;
+        words[j] = n;
+        total += n;
+        counts += (numel[j] + chunk - 1) / chunk;
+    }
+    return total;
+}
+
+/* A lane of the decoder: its tables, output, state and read position. */
+struct dec_lane {
+    const uint32_t *f;
+    const uint32_t *c;
+    const uint8_t *slot_symbol;
+    uint8_t *o;
+    int64_t pos;
+    uint32_t x;
+};
+
+static inline void dec_lane_init(struct dec_lane *d, int64_t l, const uint16_t *words, const int64_t *start,
+                                 const int64_t *table, const uint32_t *freq, const uint32_t *cum,
+                                 const uint8_t *slots, uint8_t *out, int64_t stride)
+{
+    d->f = freq + (table[l] << 8);
+    d->c = cum + (table[l] << 8);
+    d->slot_symbol = slots + (table[l] << PROB_BITS);
+    d->o = out + l * stride;
+    d->pos = start[l] + 2;
+    d->x = (uint32_t)words[start[l]] | ((uint32_t)words[start[l] + 1] << 16);
+}
+
+/* Symbol i of the lane: the slot's symbol, the state's step back, a word read when the
+ * state falls below 2**16 (0 past the stream's end). */
+static inline void dec_step(struct dec_lane *d, const uint16_t *words, int64_t nwords, int64_t i)
+{
+    uint32_t x = d->x;
+    uint32_t slot = x & SLOT_MASK;
+    uint8_t s = d->slot_symbol[slot];
+    x = d->f[s] * (x >> PROB_BITS) + slot - d->c[s];
+    if (x < RANS_LOW) {
+        x = (x << 16) | (d->pos < nwords ? (uint32_t)words[d->pos] : 0u);
+        d->pos++;
+    }
+    d->x = x;
+    d->o[i] = s;
+}
+
+/* Whether the lane ended wrong: a correct chunk ends with every word read and x == 2**16. */
+static inline int dec_lane_bad(const struct dec_lane *d, int64_t end)
+{
+    return d->x != RANS_LOW || d->pos != end;
 }
 
 /* Decode `nlanes` chunks, each its own lane.
@@ -91,26 +227,33 @@ int lct_rans_decode(const uint16_t *words, int64_t nwords, int64_t nlanes, const
                     int64_t stride)
 {
     int bad = 0;
-    for (int64_t l = 0; l < nlanes; l++) {
-        const uint32_t *f = freq + (table[l] << 8);
-        const uint32_t *c = cum + (table[l] << 8);
-        const uint8_t *slot_symbol = slots + (table[l] << PROB_BITS);
-        uint8_t *o = out + l * stride;
-        int64_t pos = start[l];
-        uint32_t x = (uint32_t)words[pos] | ((uint32_t)words[pos + 1] << 16);
-        pos += 2;
-        for (int64_t i = 0; i < size[l]; i++) {
-            uint32_t slot = x & SLOT_MASK;
-            uint8_t s = slot_symbol[slot];
-            x = f[s] * (x >> PROB_BITS) + slot - c[s];
-            if (x < RANS_LOW) {
-                x = (x << 16) | (pos < nwords ? (uint32_t)words[pos] : 0u);
-                pos++;
+    int64_t l = 0;
+    while (l < nlanes) {
+        int64_t n = size[l];
+        if (l + 4 <= nlanes && size[l + 1] == n && size[l + 2] == n && size[l + 3] == n) {
+            /* Four lanes of one length side by side, as the encoder codes chunks (ENC_WAYS). */
+            struct dec_lane d0, d1, d2, d3;
+            dec_lane_init(&d0, l, words, start, table, freq, cum, slots, out, stride);
+            dec_lane_init(&d1, l + 1, words, start, table, freq, cum, slots, out, stride);
+            dec_lane_init(&d2, l + 2, words, start, table, freq, cum, slots, out, stride);
+            dec_lane_init(&d3, l + 3, words, start, table, freq, cum, slots, out, stride);
+            for (int64_t i = 0; i < n; i++) {
+                dec_step(&d0, words, nwords, i);
+                dec_step(&d1, words, nwords, i);
+                dec_step(&d2, words, nwords, i);
+                dec_step(&d3, words, nwords, i);
             }
-            o[i] = s;
+            bad |= dec_lane_bad(&d0, end[l]) | dec_lane_bad(&d1, end[l + 1]) | dec_lane_bad(&d2, end[l + 2])
+                   | dec_lane_bad(&d3, end[l + 3]);
+            l += 4;
+        } else {
+            struct dec_lane d;
+            dec_lane_init(&d, l, words, start, table, freq, cum, slots, out, stride);
+            for (int64_t i = 0; i < n; i++)
+                dec_step(&d, words, nwords, i);
+            bad |= dec_lane_bad(&d, end[l]);
+            l += 1;
         }
-        if (x != RANS_LOW || pos != end[l])
-            bad = 1;
     }
     return bad;
 }

@@ -5,9 +5,10 @@ Format: exactly :func:`lctriton.kernels.reference.rans_encode` /
 :func:`~lctriton.kernels.reference.rans_decode`, byte for byte (``tests/test_rans.py``
 compares them). The reference steps every chunk of a stream together, one numpy operation
 per symbol position over all lanes; that is fast for many chunks but pays about a dozen
-array passes per symbol. ``rans_cpu.c`` runs each chunk's loop as scalar code instead, a
-few nanoseconds per symbol, which keeps the rANS coder close to the Huffman coder's speed
-on CPU. The lc/3 context stage (:func:`moment_contexts`, :func:`context_histogram`,
+array passes per symbol. ``rans_cpu.c`` runs the chunks' loops as scalar code instead, four
+whole chunks side by side so that the core overlaps their independent chains of multiplies
+(about 2 ns a symbol to encode or decode on one core), and :func:`rans_encode_streams`
+codes all of a record's context streams in one call. The lc/3 context stage (:func:`moment_contexts`, :func:`context_histogram`,
 :func:`group_by_context`, :func:`ungroup_by_context`) is one pass each, where the reference's
 torch twins take several (a stable sort among them); so is :func:`fingerprint`, which every
 delta and every load computes for its bases (numpy takes two passes and a widening copy).
@@ -56,11 +57,13 @@ from lctriton.kernels.reference import (
     rans_encode_input,
     rans_lanes,
     rans_split_lanes,
+    rans_streams_input,
 )
 
 __all__ = [
     "available",
     "rans_encode",
+    "rans_encode_streams",
     "rans_decode",
     "RansStream",
     "moment_contexts",
@@ -152,6 +155,10 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.lct_rans_encode.restype = _I64
     lib.lct_rans_encode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]
+    lib.lct_rans_encode_scratch.restype = _I64
+    lib.lct_rans_encode_scratch.argtypes = [_I64]
+    lib.lct_rans_encode_streams.restype = _I64
+    lib.lct_rans_encode_streams.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
     lib.lct_rans_decode.restype = ctypes.c_int
     lib.lct_rans_decode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
     lib.lct_moment_contexts.restype = None
@@ -213,7 +220,7 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     cum[: f.size] = np.concatenate(([0], np.cumsum(f)[:-1]))
     out = np.empty(n + 2 * nchunks, dtype=np.uint16)
     counts = np.empty(nchunks, dtype=np.int64)
-    scratch = np.empty(chunk_symbols, dtype=np.uint16)
+    scratch = np.empty(lib.lct_rans_encode_scratch(chunk_symbols), dtype=np.uint16)
     total = lib.lct_rans_encode(
         _ptr(sym), n, chunk_symbols, _ptr(freq), _ptr(cum), _ptr(out), _ptr(counts), _ptr(scratch)
     )
@@ -222,6 +229,45 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     words = out[:total].copy()  # drop the unused tail of the worst-case buffer
     return torch.from_numpy(words.view(np.int16)), torch.from_numpy(counts)
 
+
+
+def rans_encode_streams(
+    symbols: torch.Tensor, spans: list[tuple[int, int]], freqs: object, chunk_symbols: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """rANS-code several streams of one symbol tensor in one call; same arguments, result
+    and errors as :func:`lctriton.kernels.reference.rans_encode_streams`.
+
+    Raises:
+        RuntimeError: If the compiled coder is unavailable (see :func:`available`).
+    """
+    lib = _require()
+    flat, starts, counts, tables = rans_streams_input(symbols, spans, freqs, chunk_symbols)
+    sym = flat.cpu().contiguous().numpy().view(np.uint8)
+    nstreams = starts.size
+    freq = np.zeros((nstreams, 256), dtype=np.uint32)
+    freq[:, : tables.shape[1]] = tables
+    cum = np.zeros_like(freq)
+    np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
+    chunks = -(-counts // chunk_symbols)
+    out = np.empty(int(counts.sum() + 2 * chunks.sum()), dtype=np.uint16)
+    chunk_words = np.empty(int(chunks.sum()), dtype=np.int64)
+    words = np.empty(nstreams, dtype=np.int64)
+    scratch = np.empty(lib.lct_rans_encode_scratch(chunk_symbols), dtype=np.uint16)
+    starts, counts = np.ascontiguousarray(starts), np.ascontiguousarray(counts)
+    total = lib.lct_rans_encode_streams(
+        _ptr(sym), nstreams, _ptr(starts), _ptr(counts), chunk_symbols,
+        _ptr(freq), _ptr(cum), _ptr(out), _ptr(chunk_words), _ptr(words), _ptr(scratch),
+    )
+    if total < 0:
+        raise ValueError(RANS_ZERO_FREQUENCY)
+    # One copy of the words written, so the worst-case buffer is not kept alive by views.
+    stream = torch.from_numpy(out[:total].copy().view(np.int16))
+    table = torch.from_numpy(chunk_words)
+    word_ends, chunk_ends = np.cumsum(words).tolist(), np.cumsum(chunks).tolist()
+    return [
+        (stream[w1 - w : w1], table[c1 - c : c1])
+        for w, w1, c, c1 in zip(words.tolist(), word_ends, chunks.tolist(), chunk_ends, strict=True)
+    ]
 
 def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tensor]:
     """Decode many rANS streams; same arguments, result and errors as

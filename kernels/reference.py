@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,8 @@ __all__ = [
     "lq_symbols",
     "lq_reconstruct",
     "rans_encode",
+    "rans_encode_streams",
+    "rans_streams_input",
     "rans_decode",
     "RansStream",
     "CONTEXT_OCTAVES",
@@ -1043,6 +1045,70 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     counts = np.concatenate([p[1] for p in parts])
     return torch.from_numpy(words.view(np.int16)), torch.from_numpy(counts)
 
+
+
+def rans_encode_streams(
+    symbols: torch.Tensor, spans: Sequence[tuple[int, int]], freqs: object, chunk_symbols: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """rANS-code several streams of one symbol tensor, each with its own table.
+
+    Stream ``j`` is the ``spans[j] = (start, count)`` symbols of ``symbols`` (read flat) from
+    ``start`` on, coded with ``freqs[j]`` exactly as :func:`rans_encode` codes it alone. The
+    context codecs (``lc/3``, ``lq/2``) code each context's symbols this way: a CPU coder
+    makes one call of many small streams, where a call per stream costs more than the coding.
+
+    Args:
+        symbols: uint8 tensor, any shape (read flat).
+        spans: ``(start, count)`` of each stream, inside ``symbols``.
+        freqs: One table per stream (a 2-D integer array or tensor, or a list of 1-D ones of
+            one length), as :func:`rans_encode` takes it.
+        chunk_symbols: Symbols per chunk, a power of two from 64 to 65536.
+
+    Returns:
+        ``(words, chunk_words)`` of each stream, as :func:`rans_encode` returns them.
+
+    Raises:
+        TypeError: If ``symbols`` is not a uint8 tensor.
+        ValueError: If a span leaves ``symbols``, the tables do not match the spans, a table
+            is invalid or a symbol has frequency 0 in its stream's table.
+    """
+    flat, starts, counts, tables = rans_streams_input(symbols, spans, freqs, chunk_symbols)
+    return [
+        rans_encode(flat[a : a + n], torch.from_numpy(f), chunk_symbols)
+        for a, n, f in zip(starts.tolist(), counts.tolist(), tables, strict=True)
+    ]
+
+
+def rans_streams_input(
+    symbols: object, spans: object, freqs: object, chunk_symbols: object
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """Check :func:`rans_encode_streams`' arguments (every coder of it shares this).
+
+    Returns:
+        ``(symbols, starts, counts, freqs)``: the symbols flat, the spans as two int64
+        arrays, the tables as one int64 array of one row per stream (each checked as
+        :func:`rans_encode` checks its table).
+
+    Raises:
+        TypeError: If ``symbols`` is not a uint8 tensor or a table does not hold integers.
+        ValueError: If a span leaves ``symbols`` or a table is invalid.
+    """
+    check_chunk_symbols(chunk_symbols)
+    if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
+        raise TypeError(f"symbols must be a uint8 tensor, got {getattr(symbols, 'dtype', type(symbols).__name__)}")
+    flat = symbols.detach().reshape(-1)
+    try:
+        span_array = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        raise ValueError("spans must be (start, count) pairs of ints") from None
+    starts, counts = span_array[:, 0], span_array[:, 1]
+    if ((starts < 0) | (counts < 0) | (starts + counts > flat.numel())).any():
+        raise ValueError(f"spans must lie inside the {flat.numel()} symbols")
+    raw = freqs.cpu().numpy() if isinstance(freqs, torch.Tensor) else np.asarray(freqs)
+    if raw.ndim != 2 or raw.shape[0] != starts.size:
+        raise ValueError(f"freqs must hold one table per span ({starts.size}), got shape {raw.shape}")
+    tables = np.stack([_check_rans_table(row) for row in raw]) if starts.size else raw.astype(np.int64)
+    return flat, starts, counts, tables
 
 #: What every rANS encoder raises for a symbol outside its table.
 RANS_ZERO_FREQUENCY = "a symbol to code has frequency 0"

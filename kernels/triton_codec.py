@@ -11,7 +11,7 @@ from lctriton.kernels.encode import lc_encode, lc_symbols
 from lctriton.kernels.groupquant import dequantize_groups, quantize_groups
 from lctriton.kernels.histogram import lc_histogram
 from lctriton.kernels.logquant import lq_reconstruct, lq_symbols
-from lctriton.kernels.rans import rans_decode, rans_encode
+from lctriton.kernels.rans import rans_decode, rans_encode, rans_encode_streams
 from lctriton.kernels.reference import LcStream, RansStream, fingerprint, lc_exceptions
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "fingerprint",
     "LcStream",
     "rans_encode",
+    "rans_encode_streams",
     "rans_decode",
     "RansStream",
     "quantize_groups",

@@ -32,6 +32,7 @@ __all__ = [
     "lq_symbols",
     "lq_reconstruct",
     "rans_encode",
+    "rans_encode_streams",
     "rans_decode",
     "moment_contexts",
     "binade_contexts",
@@ -155,6 +156,15 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int):
     if module is reference:
         module = _cpu_rans()
     return module.rans_encode(symbols, freqs, chunk_symbols)
+
+
+def rans_encode_streams(symbols: torch.Tensor, spans: list[tuple[int, int]], freqs, chunk_symbols: int):
+    """rANS-code several streams of ``symbols``, each with its own table, in one call on the
+    backend of their device (see ``reference.rans_encode_streams``)."""
+    module = choose(symbols.device)
+    if module is reference:
+        module = _cpu_rans()
+    return module.rans_encode_streams(symbols, spans, freqs, chunk_symbols)
 
 
 def rans_decode(items: list[reference.RansStream], chunk_symbols: int, device: torch.device) -> list[torch.Tensor]:

@@ -57,6 +57,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,8 @@ __all__ = [
     "BucketPlan",
     "plan_buckets",
     "EncodedTensor",
+    "FingerprintCache",
+    "base_fingerprint",
     "encode_raw",
     "encode_lc",
     "validate_record",
@@ -203,6 +207,37 @@ def plan_buckets(histogram: np.ndarray, bits: int) -> BucketPlan:
     return BucketPlan(np.repeat(key_to_symbol, reference.FINE_PER_KEY), reps, symbol_counts, bound)
 
 
+
+def base_fingerprint(tensor: torch.Tensor) -> str:
+    """A base tensor's fingerprint as records hold it: 16 lowercase hex digits."""
+    return f"{backend.fingerprint(tensor):016x}"
+
+
+class FingerprintCache:
+    """:func:`base_fingerprint`, each tensor's computed once while the cache lives.
+
+    One encode names a base moment twice: the moment's own ``lq`` record has it as its base,
+    and its parameter's ``lc/3`` record as a context. The cache keys a tensor by where its
+    data lies, its layout and its version counter (which in-place writes advance), and keeps
+    every tensor it has seen alive, so no other tensor can take that memory while it lives.
+    Safe to call from the pipeline's threads.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, tensor: torch.Tensor) -> str:
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor._version)
+        with self._lock:
+            hit = self._seen.get(key)
+        if hit is not None:
+            return hit[1]
+        value = base_fingerprint(tensor)
+        with self._lock:
+            self._seen[key] = (tensor, value)
+        return value
+
 @dataclasses.dataclass
 class EncodedTensor:
     """A tensor's record (JSON-ready), its payload parts and, for deltas, its reconstruction."""
@@ -322,23 +357,32 @@ def _context_streams(
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """Code the symbols of each context as one rANS stream: the context tables of an
     ``lc/3`` or ``lq/2`` record (one per row of ``joint``) and its stream parts (chunk word
-    counts, words; per streamed context)."""
+    counts, words; per streamed context). All streams are coded in one backend call."""
     grouped = backend.group_by_context(contexts, symbols)
     tables: list[dict] = []
-    parts: list[torch.Tensor] = []
+    spans: list[tuple[int, int]] = []
+    freqs: list[np.ndarray] = []
     start = 0
     for counts in joint:
         n = int(counts.sum())
         if n == 0:
             tables.append({"count": 0})
             continue
-        freqs, fill, words, chunk_words = _rans_parts(grouped[start : start + n], counts, chunk_symbols)
-        start += n
+        f = rans.quantize_frequencies(counts)
+        fill = rans.fill_symbol(f)
         if fill is not None:
             tables.append({"count": n, "fill": fill})
-            continue
-        tables.append({"count": n, "freqs": freqs.tolist(), "words": int(words.numel())})
-        parts += [chunk_words.to(torch.int32), words]
+        else:
+            tables.append({"count": n, "freqs": f.tolist()})
+            spans.append((start, n))
+            freqs.append(f)
+        start += n
+    parts: list[torch.Tensor] = []
+    if spans:
+        coded = (t for t in tables if "freqs" in t)
+        for table, (words, chunk_words) in zip(coded, backend.rans_encode_streams(grouped, spans, np.stack(freqs), chunk_symbols), strict=True):
+            table["words"] = int(words.numel())
+            parts += [chunk_words.to(torch.int32), words]
     return tables, parts
 
 
@@ -370,6 +414,7 @@ def encode_lc(
     chunk_symbols: int,
     coder: str = "huffman",
     context: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]] | None = None,
+    fingerprint: Callable[[torch.Tensor], str] = base_fingerprint,
 ) -> EncodedTensor:
     """Code a floating tensor lossily against ``base`` (or zeros) with ``lc/1``, ``lc/2`` or
     ``lc/3``.
@@ -387,6 +432,8 @@ def encode_lc(
         context: ``((name, exp_avg), (name, exp_avg_sq))``: the base's Adam moments of this
             parameter (dotted names in the base state, tensors with as many elements), which
             ``lc/3`` groups the symbols by.
+        fingerprint: Fingerprints the base and the context tensors for the record (a
+            :class:`FingerprintCache` shares them between the records of one encode).
 
     Returns:
         The encoded tensor; ``reconstruction`` is what a decoder restores, in the tensor's
@@ -430,7 +477,7 @@ def encode_lc(
         del symbols, contexts
         record.update(
             codec=LC3,
-            context=[{"name": name, "base": f"{backend.fingerprint(t):016x}"} for name, t in context],
+            context=[{"name": name, "base": fingerprint(t)} for name, t in context],
             tables=tables,
         )
         parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
@@ -455,7 +502,7 @@ def encode_lc(
     record.update(
         exceptions=int(exc_index.numel()),
         bound=plan.error_bound,
-        base=None if b is None else f"{backend.fingerprint(b):016x}",
+        base=None if b is None else fingerprint(b),
     )
     parts += [exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
@@ -661,6 +708,7 @@ def encode_lq(
     chunk_symbols: int,
     predict_only: bool = False,
     coder: str = "auto",
+    fingerprint: Callable[[torch.Tensor], str] = base_fingerprint,
 ) -> EncodedTensor:
     """Code a floating tensor (an optimizer moment) with ``lq/1`` or ``lq/2``.
 
@@ -679,6 +727,7 @@ def encode_lq(
             binades saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload
             (:func:`_binade_pays`); anything else: ``lq/1``. (``"auto"`` keeps ``lq/1``: on
             CPU the grouping costs more time than its 10% or so of a state's bytes is worth.)
+        fingerprint: Fingerprints the base for the record (see :func:`encode_lc`).
 
     Returns:
         The encoded tensor with its reconstruction.
@@ -744,7 +793,7 @@ def encode_lq(
     record.update(
         exceptions=int(exc_index.numel()),
         bound=bound,
-        base=None if b is None else f"{backend.fingerprint(b):016x}",
+        base=None if b is None else fingerprint(b),
     )
     parts += [exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
@@ -754,13 +803,19 @@ def encode_lq(
 PLANE_MIN_SAVING = 0.02
 
 
-def encode_bp(tensor: torch.Tensor, base: torch.Tensor | None, chunk_symbols: int) -> EncodedTensor:
+def encode_bp(
+    tensor: torch.Tensor,
+    base: torch.Tensor | None,
+    chunk_symbols: int,
+    fingerprint: Callable[[torch.Tensor], str] = base_fingerprint,
+) -> EncodedTensor:
     """Store a tensor exactly as rANS-coded byte planes (``bp/1``).
 
     Args:
         tensor: Any tensor of a storable dtype.
         base: A tensor of the same shape and dtype to XOR against, or None.
         chunk_symbols: Symbols per rANS chunk.
+        fingerprint: Fingerprints the base for the record (see :func:`encode_lc`).
 
     Returns:
         The encoded tensor; its reconstruction is the tensor itself (a copy).
@@ -801,7 +856,7 @@ def encode_bp(tensor: torch.Tensor, base: torch.Tensor | None, chunk_symbols: in
         "shape": list(x.shape),
         "chunk": chunk_symbols,
         "planes": planes,
-        "base": None if b is None else f"{backend.fingerprint(b):016x}",
+        "base": None if b is None else fingerprint(b),
     }
     return EncodedTensor(record, parts, None, ready)
 

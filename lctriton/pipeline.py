@@ -379,9 +379,14 @@ def parameter_moments(state: Any) -> dict[str, tuple[str, str]]:
     return found
 
 
-def _encode_exact(tensor: torch.Tensor, base: torch.Tensor | None, options: CodecOptions) -> codecs.EncodedTensor:
+def _encode_exact(
+    tensor: torch.Tensor,
+    base: torch.Tensor | None,
+    options: CodecOptions,
+    fingerprint: Callable[[torch.Tensor], str] = codecs.base_fingerprint,
+) -> codecs.EncodedTensor:
     if options.code_exact and tensor.numel() >= options.min_numel:
-        return codecs.encode_bp(tensor, base, options.chunk_symbols)
+        return codecs.encode_bp(tensor, base, options.chunk_symbols, fingerprint)
     return codecs.encode_raw(tensor)
 
 
@@ -445,6 +450,7 @@ def encode_states(
 
     decays = [moment_decay(obj, base) for obj, base in items]
     moment_names = [parameter_moments(obj) if base is not None else {} for obj, base in items]
+    fingerprint = codecs.FingerprintCache()
 
     def context_of(k: int, name: str, tensor: torch.Tensor):
         """The base's moments of parameter ``name``, for lc/3; None when the base lacks them."""
@@ -469,7 +475,7 @@ def encode_states(
         if not exact and b is None and options.lossless_key:
             exact = True
         if exact:
-            encoded = _encode_exact(tensor, b, options)
+            encoded = _encode_exact(tensor, b, options, fingerprint)
             encoded.reconstruction = tensor.detach().clone() if reconstruct else None
             return encoded
         if moment:
@@ -477,10 +483,13 @@ def encode_states(
                 tensor, b, decays[k].get(name, 1.0), options.moment_precision, options.chunk_symbols,
                 predict_only=mode == "predict" and b is not None,
                 coder=options.coder,
+                fingerprint=fingerprint,
             )
         else:
             context = context_of(k, name, tensor) if b is not None else None
-            encoded = codecs.encode_lc(tensor, b, options.bits, options.chunk_symbols, options.coder, context)
+            encoded = codecs.encode_lc(
+                tensor, b, options.bits, options.chunk_symbols, options.coder, context, fingerprint
+            )
         encoded.reconstruction = encoded.reconstruction.to(tensor.device) if reconstruct else None
         return encoded
 

@@ -320,6 +320,27 @@ def test_fingerprint_sees_every_single_change_and_swaps():
     assert bits(x).numel() == 10_000
 
 
+
+def test_fingerprint_cache_computes_each_base_once_and_sees_writes(monkeypatch):
+    """One encode names a base moment twice (its own record, its parameter's lc/3 context):
+    the cache computes it once, and an in-place write to the tensor is a new tensor to it."""
+    from lctriton import backend
+
+    x = torch.randn(5000)
+    calls = []
+    real = backend.fingerprint
+    monkeypatch.setattr(backend, "fingerprint", lambda t: calls.append(t.numel()) or real(t))
+    cache = codecs.FingerprintCache()
+    want = f"{reference.fingerprint(x):016x}"
+    assert cache(x) == want
+    assert cache(x.detach()) == want and cache(x.view(50, 100).reshape(-1)) == want
+    assert calls == [5000]
+    assert cache(x[1:]) == f"{reference.fingerprint(x[1:]):016x}"  # another view: another key
+    x.add_(1.0)
+    assert cache(x) == f"{reference.fingerprint(x):016x}" != want
+    assert calls == [5000, 4999, 5000]
+    assert codecs.base_fingerprint(x) == cache(x)
+
 @pytest.mark.parametrize(
     "dtype, x, b",
     [(torch.float32, 3e38, -3e38), (torch.float64, 1e300, 0.0)],

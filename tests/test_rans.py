@@ -57,7 +57,8 @@ def _symbols(f: np.ndarray, n: int, rng: np.random.Generator) -> torch.Tensor:
 
 
 def _sizes(chunk: int) -> list[int]:
-    return [0, 1, 97, chunk - 1, chunk, chunk + 1, 3 * chunk + 17]
+    # 4 and 9 chunks: the compiled coder codes and decodes four whole chunks side by side.
+    return [0, 1, 97, chunk - 1, chunk, chunk + 1, 3 * chunk + 17, 4 * chunk, 9 * chunk + 5]
 
 
 def _roundtrip(sym: torch.Tensor, f: np.ndarray, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +193,8 @@ def _corruptions(item: reference.RansStream):
 def _corrupt_item():
     rng = np.random.default_rng(5)
     f = _freqs("random256", rng)
-    return _stream(_symbols(f, 64 * 3 + 10, rng), f, 64)
+    # Five whole chunks and a short one: the compiled decoder takes the first four side by side.
+    return _stream(_symbols(f, 64 * 5 + 10, rng), f, 64)
 
 
 def _flip_word(item: reference.RansStream, where: int, flip: int) -> bool:
@@ -362,6 +364,10 @@ def test_compiled_validates_like_the_reference():
     zero[3], zero[4] = 0, 512
     cases = [(sym, bad, 64) for bad in BAD_TABLES]
     cases += [(torch.tensor([16], dtype=torch.uint8), f, 64), (sym, zero, 64), (sym, f, 100), (sym.long(), f, 64)]
+    in_group = torch.arange(64 * 5) % 15
+    in_group = (in_group + (in_group >= 3).long()).to(torch.uint8)  # every symbol but 3
+    in_group[64 + 7] = 3  # frequency 0 under `zero`, in the second of four whole chunks
+    cases.append((in_group, zero, 64))
     for args in cases:
         with pytest.raises((ValueError, TypeError)) as want:
             reference.rans_encode(*args)
@@ -375,18 +381,23 @@ def test_backend_codes_cpu_streams_compiled_unless_reference_is_forced(monkeypat
     f = _freqs("skewed", rng)
     sym = _symbols(f, 5000, rng)
     calls = []
-    for name in ("rans_encode", "rans_decode"):
+    for name in ("rans_encode", "rans_encode_streams", "rans_decode"):
         for module in (rans_cpu, reference):
             real = getattr(module, name)
             monkeypatch.setattr(module, name, lambda *a, _r=real, _m=module.__name__: calls.append(_m) or _r(*a))
-    words, counts = backend.rans_encode(sym, torch.from_numpy(f), 4096)
-    backend.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096, torch.device("cpu"))
-    assert calls == ["lctriton.kernels.rans_cpu"] * 2
+
+    def code_and_decode():
+        words, counts = backend.rans_encode(sym, torch.from_numpy(f), 4096)
+        backend.rans_encode_streams(sym, [(0, 100), (100, 4900)], np.stack([f, f]), 4096)
+        backend.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096, torch.device("cpu"))
+
+    code_and_decode()
+    assert calls == ["lctriton.kernels.rans_cpu"] * 3
     calls.clear()
     monkeypatch.setenv(backend.BACKEND_ENV, "reference")
-    backend.rans_encode(sym, torch.from_numpy(f), 4096)
-    backend.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096, torch.device("cpu"))
-    assert calls == ["lctriton.kernels.reference"] * 2
+    code_and_decode()
+    # The reference codes its two streams by two more rans_encode calls.
+    assert calls == ["lctriton.kernels.reference"] * 5
 
 
 @needs_compiled
@@ -456,6 +467,78 @@ def test_compiled_coder_builds_into_its_cache_and_falls_back_without_a_compiler(
         assert torch.equal(words, reference.rans_encode(sym, f, 64)[0])
     finally:
         rans_cpu._library.cache_clear()
+
+
+
+def _streams_case(rng: np.random.Generator, sizes: list[int]):
+    """A symbol tensor and spans over it, one per size, each with a table of its own (rows
+    padded to 256 entries) and symbols no span covers between them."""
+    parts, spans, tables, start = [], [], [], 0
+    for j, n in enumerate(sizes):
+        f = _freqs(TABLES[j % len(TABLES)], rng)
+        parts += [torch.full((3,), 255, dtype=torch.uint8), _symbols(f, n, rng)]
+        spans.append((start + 3, n))
+        start += 3 + n
+        tables.append(np.pad(f, (0, 256 - f.size)))
+    return torch.cat(parts), spans, np.stack(tables)
+
+
+def test_reference_codes_each_span_as_one_stream():
+    rng = np.random.default_rng(20)
+    sym, spans, tables = _streams_case(rng, _sizes(64))
+    coded = reference.rans_encode_streams(sym, spans, tables, 64)
+    items = [reference.RansStream(w, c, n, f) for (w, c), (_, n), f in zip(coded, spans, tables, strict=True)]
+    for got, (a, n) in zip(reference.rans_decode(items, 64), spans, strict=True):
+        assert torch.equal(got, sym[a : a + n])
+    assert reference.rans_encode_streams(sym, [], np.zeros((0, 256), np.int64), 64) == []
+
+
+@needs_compiled
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_compiled_streams_match_reference(chunk):
+    rng = np.random.default_rng(chunk + 21)
+    sym, spans, tables = _streams_case(rng, _sizes(chunk) * 2)
+    got = rans_cpu.rans_encode_streams(sym, spans, torch.from_numpy(tables), chunk)
+    want = reference.rans_encode_streams(sym, spans, tables, chunk)
+    assert len(got) == len(want) == len(spans)
+    for (w, c), (rw, rc) in zip(got, want, strict=True):
+        assert w.dtype == torch.int16 and c.dtype == torch.int64
+        assert torch.equal(c, rc) and torch.equal(w, rw)
+
+
+def _bad_streams_args():
+    """(symbols, spans, freqs) cases every coder of many streams must refuse alike."""
+    f = np.full((2, 16), 256, dtype=np.int64)
+    sym = torch.arange(16, dtype=torch.uint8).repeat(8)
+    zero = f.copy()
+    zero[1, 3], zero[1, 4] = 0, 512
+    bad_row = f.copy()
+    bad_row[1, 0] += 1
+    return [
+        (sym, [(0, 64), (100, 64)], f),  # past the end
+        (sym, [(-1, 4), (0, 4)], f),  # a negative start
+        (sym, [(0, 4), (4, -1)], f),  # a negative count
+        (sym, [(0, 4), (4, 4, 4)], f),  # not pairs
+        (sym, [(0, 64)], f),  # two tables for one span
+        (sym, [(0, 64), (64, 64)], f[0]),  # one table, not one per span
+        (sym, [(0, 64), (64, 64)], bad_row),  # a row not summing to 4096
+        (sym, [(0, 64), (64, 64)], f.astype(np.float32)),  # not integers
+        (sym, [(0, 64), (64, 64)], zero),  # symbol 3 has frequency 0 in the second stream
+        (sym.long(), [(0, 64), (64, 64)], f),  # not uint8
+    ]
+
+
+@pytest.mark.parametrize("twin", ["triton", "compiled"])
+@pytest.mark.parametrize("case", range(10))
+def test_twins_refuse_bad_streams_like_the_reference(twin, case):
+    if twin == "compiled" and not rans_cpu.available():
+        pytest.skip("no C compiler to build the CPU coder")
+    coder = tri if twin == "triton" else rans_cpu
+    args = _bad_streams_args()[case]
+    with pytest.raises((ValueError, TypeError)) as want:
+        reference.rans_encode_streams(*args, 64)
+    with pytest.raises(want.type, match=re.escape(str(want.value))):
+        coder.rans_encode_streams(*args, 64)
 
 
 # --------------------------------------------------------------------------- Triton twins
@@ -528,6 +611,21 @@ def test_kernel_decodes_many_streams():
         assert torch.equal(g, w) and torch.equal(g, s)
     assert all(g.device == torch.device("cpu") for g in tri.rans_decode(items, 64, device="cpu"))
 
+
+
+def _assert_streams_equal(sym: torch.Tensor, spans, tables: np.ndarray, chunk: int) -> None:
+    got = tri.rans_encode_streams(sym, spans, tables, chunk)
+    want = reference.rans_encode_streams(sym.cpu(), spans, tables, chunk)
+    assert len(got) == len(want) == len(spans)
+    for (w, c), (rw, rc) in zip(got, want, strict=True):
+        assert w.device == sym.device and w.dtype == torch.int16 and c.dtype == torch.int64
+        assert torch.equal(c.cpu(), rc) and torch.equal(w.cpu(), rw)
+
+
+def test_kernel_codes_many_streams_in_one_launch():
+    rng = np.random.default_rng(22)
+    _assert_streams_equal(*_streams_case(rng, [0, 1, 97, 64, 65, 3 * 64 + 17]), 64)
+    assert tri.rans_encode_streams(torch.zeros(5, dtype=torch.uint8), [], np.zeros((0, 4), np.int64), 64) == []
 
 @pytest.mark.parametrize("twin", ["triton", "compiled"])
 @pytest.mark.parametrize("case", range(12))
@@ -615,9 +713,10 @@ def test_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 def test_triton_codec_exports_the_coder():
     assert triton_codec.rans_encode is tri.rans_encode
+    assert triton_codec.rans_encode_streams is tri.rans_encode_streams
     assert triton_codec.rans_decode is tri.rans_decode
     assert triton_codec.RansStream is reference.RansStream
-    assert {"rans_encode", "rans_decode", "RansStream"} <= set(triton_codec.__all__)
+    assert {"rans_encode", "rans_encode_streams", "rans_decode", "RansStream"} <= set(triton_codec.__all__)
 
 
 # --------------------------------------------------------------------------- GPU, large
@@ -637,6 +736,13 @@ def test_gpu_large_streams_match_reference(kind):
     assert got.is_cuda and torch.equal(got.cpu(), sym)
     (back,) = reference.rans_decode([reference.RansStream(words, counts, sym.numel(), f)], 4096)
     assert torch.equal(back, sym)
+
+
+@pytest.mark.gpu
+def test_gpu_many_streams_match_reference():
+    rng = np.random.default_rng(23)
+    sym, spans, tables = _streams_case(rng, _sizes(4096) * 3)
+    _assert_streams_equal(sym.cuda(), spans, tables, 4096)
 
 
 @pytest.mark.gpu
