@@ -133,7 +133,7 @@ def _mbps(benchmark, raw: int) -> None:
 
 
 @pytest.mark.benchmark(group="compress")
-@pytest.mark.parametrize("bits", [3, 2], ids=["bits3-default", "bits2"])
+@pytest.mark.parametrize("bits", [3, 2, 1], ids=["bits3-default", "bits2", "bits1"])
 def test_compress_lctriton(benchmark, run, bits):
     name, work, states = run
     raw = _raw_nbytes(states[0])
@@ -160,7 +160,7 @@ def test_compress_lctriton(benchmark, run, bits):
 
 
 @pytest.mark.benchmark(group="compress")
-@pytest.mark.parametrize("bits", [3, 2], ids=["bits3-default", "bits2"])
+@pytest.mark.parametrize("bits", [3, 2, 1], ids=["bits3-default", "bits2", "bits1"])
 def test_compress_lctriton_training_state(benchmark, training_run, bits):
     """The chain of :func:`test_compress_lctriton` on whole training states: ratios and
     errors over the weights alone (the reconstruction of the weights is the same)."""

@@ -540,6 +540,21 @@ static int lc_finish(const uint8_t *sym, const uint32_t *base, int base_nan, int
     return nonfinite != 0;
 }
 
+/* lc/1's pass 1 on float32 tensors (reference.lc_histogram): counts[l * NUM_FINE_KEYS + k]
+ * += 1 for every element whose delta x - base (x itself without a base; one IEEE single
+ * subtract, as numpy's) has fine key k, in LANES tables (element i in table i % LANES, as
+ * lct_context_histogram counts) that the caller zeroes and adds up. */
+#define NUM_FINE_KEYS (1u << (32 - FINE_SHIFT))
+void lct_lc_histogram_f32(const uint32_t *x, const uint32_t *base, int64_t n, int64_t *counts)
+{
+    if (base)
+        for (int64_t i = 0; i < n; i++)
+            counts[(i & (LANES - 1)) * NUM_FINE_KEYS + fine_key(float_bits(bits_float(x[i]) - bits_float(base[i])))]++;
+    else
+        for (int64_t i = 0; i < n; i++)
+            counts[(i & (LANES - 1)) * NUM_FINE_KEYS + fine_key(x[i])]++;
+}
+
 int lct_lc_symbols_f32(const uint32_t *x, const uint32_t *base, const uint8_t *lut, const uint32_t *reps,
                        int64_t nreps, int64_t n, uint8_t *sym, uint32_t *out)
 {

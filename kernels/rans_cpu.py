@@ -70,6 +70,7 @@ __all__ = [
     "binade_contexts",
     "context_counts",
     "fingerprint",
+    "lc_histogram",
     "lc_symbols",
     "lc_reconstruct",
     "lq_symbols",
@@ -163,6 +164,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_rans_decode.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
     lib.lct_moment_contexts.restype = None
     lib.lct_moment_contexts.argtypes = [_PTR, _PTR, _I64, _PTR]
+    lib.lct_lc_histogram_f32.restype = None
+    lib.lct_lc_histogram_f32.argtypes = [_PTR, _PTR, _I64, _PTR]
     lib.lct_lc_symbols_f32.restype = ctypes.c_int
     lib.lct_lc_symbols_f32.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
     lib.lct_lc_reconstruct_f32.restype = None
@@ -433,6 +436,19 @@ def _reconstruct_pass(loop: str, symbols, representatives, base: torch.Tensor | 
         out.data_ptr(),
     )
     return out
+
+
+def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """Same arguments, result and errors as :func:`lctriton.kernels.reference.lc_histogram`:
+    one compiled pass for float32 tensors, the reference for other dtypes."""
+    reference._check_lossy(x, base)
+    if x.dtype != torch.float32:
+        return reference.lc_histogram(x, base)
+    xs, bs = _flat_cpu(x), _flat_cpu(base)
+    # One table per lane of the loop (HISTOGRAM_LANES), added up here.
+    counts = torch.zeros(HISTOGRAM_LANES, reference.NUM_FINE_KEYS, dtype=torch.int64)
+    _require().lct_lc_histogram_f32(xs.data_ptr(), None if bs is None else bs.data_ptr(), xs.numel(), counts.data_ptr())
+    return counts.sum(dim=0)
 
 
 def lc_symbols(

@@ -112,8 +112,9 @@ def threads_allowed(device: torch.device | str) -> bool:
 
 
 def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    """Pass 1 on the backend of ``x``'s device (see ``reference.lc_histogram``)."""
-    return choose(x.device).lc_histogram(x, base)
+    """Pass 1 on the backend of ``x``'s device (see ``reference.lc_histogram``); on CPU,
+    compiled for float32 where it builds."""
+    return _cpu_compiled(x.device).lc_histogram(x, base)
 
 
 def lc_encode(x, base, key_to_symbol, representatives, code_lengths, chunk_symbols):

@@ -5,6 +5,8 @@ TRITON_INTERPRET=1), at small sizes: 0, 1, a prime, a chunk +- 1, several chunks
 non-contiguous view, special values. The ``gpu`` tests repeat them at large sizes on CUDA.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -402,6 +404,24 @@ def test_compiled_lc_pass_matches_reference_on_special_values(dtype, with_base):
         assert_bit_exact(rans_cpu.lc_reconstruct(want[0], table, b, dtype),
                          reference.lc_reconstruct(want[0], table, b, dtype), "lc_reconstruct")
 
+
+@pytest.mark.skipif(not rans_cpu.available(), reason="no C compiler to build the CPU loops")
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_compiled_histogram_matches_reference_on_special_values(dtype, with_base):
+    """Pass 1 compiled for float32 (other dtypes go to the reference): infinities, NaNs,
+    signed zeros, subnormals and deltas that underflow, past the reference's block size, and
+    the reference's errors."""
+    x, base = _special(dtype, n=300_007)
+    b = base if with_base else None
+    got = rans_cpu.lc_histogram(x, b)
+    assert got.dtype == torch.int64 and torch.equal(got, reference.lc_histogram(x, b))
+    assert torch.equal(rans_cpu.lc_histogram(x[::3], None), reference.lc_histogram(x[::3], None))  # a view
+    for bad in [(x, base[1:]), (x.long(), None), (x, base.double() if dtype != torch.float64 else base.float())]:
+        with pytest.raises((TypeError, ValueError)) as want:
+            reference.lc_histogram(*bad)
+        with pytest.raises(want.type, match=re.escape(str(want.value))):
+            rans_cpu.lc_histogram(*bad)
 
 def test_lq_rejects_a_table_with_symbol_zero():
     x, base = _moment_pair(100, torch.float32)

@@ -420,7 +420,7 @@ def test_backend_runs_fingerprints_lc_and_lq_compiled_on_cpu_unless_reference_is
     x = torch.rand(5000)
     plan = codecs.plan_log_buckets(reference.lc_histogram(x, None).numpy(), 2)
     lut, reps = torch.from_numpy(plan.key_to_symbol), torch.from_numpy(plan.representatives)
-    names = ("fingerprint", "lq_symbols", "lq_reconstruct", "lc_symbols", "lc_reconstruct")
+    names = ("fingerprint", "lc_histogram", "lq_symbols", "lq_reconstruct", "lc_symbols", "lc_reconstruct")
     calls = []
     for module in (rans_cpu, reference):
         for name in names:
@@ -430,7 +430,8 @@ def test_backend_runs_fingerprints_lc_and_lq_compiled_on_cpu_unless_reference_is
     def run():
         sym, recon, _ = backend.lq_symbols(x, x * 0.5, 0.9, lut, reps)
         lc_sym, lc_recon, _ = backend.lc_symbols(x, x * 0.5, lut, reps)
-        return (backend.fingerprint(x), sym, recon, backend.lq_reconstruct(sym, reps, x * 0.5, 0.9, torch.float32),
+        return (backend.fingerprint(x), backend.lc_histogram(x, x * 0.5), sym, recon,
+                backend.lq_reconstruct(sym, reps, x * 0.5, 0.9, torch.float32),
                 lc_sym, lc_recon, backend.lc_reconstruct(lc_sym, reps, x * 0.5, torch.float32))
 
     compiled = run()
