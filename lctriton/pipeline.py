@@ -688,7 +688,12 @@ def _part(view: memoryview, layout: list, name: str, part: str, dtype: np.dtype)
 
 
 def _checked_base(
-    rec: dict, name: str, shape: tuple[int, ...], dtype: torch.dtype, base_tensors: dict[str, torch.Tensor]
+    rec: dict,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    base_tensors: dict[str, torch.Tensor],
+    fingerprint: Callable[[torch.Tensor], str],
 ) -> torch.Tensor | None:
     """The base a record was coded against, checked by its fingerprint."""
     if rec["base"] is None:
@@ -703,7 +708,7 @@ def _checked_base(
         raise BaseMismatchError(
             f"tensor {name!r}: the base given is {tuple(b.shape)} {b.dtype}, the delta needs {shape} {dtype}"
         )
-    found = f"{backend.fingerprint(b):016x}"
+    found = fingerprint(b)
     if found != rec["base"]:
         raise BaseMismatchError(
             f"tensor {name!r} was coded against base {rec['base']} but the base given is {found}: "
@@ -741,7 +746,13 @@ def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values):
 
 
 def _context_of(
-    rec: dict, name: str, numel: int, base_tensors: dict[str, torch.Tensor], b: torch.Tensor, dev: str
+    rec: dict,
+    name: str,
+    numel: int,
+    base_tensors: dict[str, torch.Tensor],
+    b: torch.Tensor,
+    dev: str,
+    fingerprint: Callable[[torch.Tensor], str],
 ) -> torch.Tensor:
     """The contexts of an lc/3 record's elements, from the base's moments it names (checked
     against their fingerprints), or of an lq/2 record's, from its own base ``b`` (checked
@@ -749,7 +760,7 @@ def _context_of(
     if rec["codec"] == codecs.LQ2:
         contexts = backend.binade_contexts(b, rec["offset"])
     else:
-        contexts = backend.moment_contexts(*_context_moments(rec, name, numel, base_tensors, dev))
+        contexts = backend.moment_contexts(*_context_moments(rec, name, numel, base_tensors, dev, fingerprint))
     counts = backend.context_counts(contexts).cpu().tolist()
     tables = rec["tables"]
     if counts[: len(tables)] != [table["count"] for table in tables] or any(counts[len(tables) :]):
@@ -758,7 +769,12 @@ def _context_of(
 
 
 def _context_moments(
-    rec: dict, name: str, numel: int, base_tensors: dict[str, torch.Tensor], dev: str
+    rec: dict,
+    name: str,
+    numel: int,
+    base_tensors: dict[str, torch.Tensor],
+    dev: str,
+    fingerprint: Callable[[torch.Tensor], str],
 ) -> list[torch.Tensor]:
     """The base's moments an lc/3 record names, checked against their fingerprints."""
     moments = []
@@ -768,7 +784,7 @@ def _context_moments(
             raise BaseMismatchError(
                 f"tensor {name!r} is coded by the base's optimizer moment {ref['name']!r}, which the base given lacks"
             )
-        found = f"{backend.fingerprint(t):016x}"
+        found = fingerprint(t)
         if found != ref["base"]:
             raise BaseMismatchError(
                 f"tensor {name!r} was coded by base moment {ref['name']!r} {ref['base']} but the base given has {found}"
@@ -887,6 +903,9 @@ def decode_state(
     shapes = validate_index(index)
     records = index["tensors"]
     base_tensors = flatten_tensors(base) if base is not None else {}
+    # A base moment is checked twice: as its own record's base and as a context of its
+    # parameter's lc/3 record.
+    fingerprint = codecs.FingerprintCache()
     target = torch.device(device) if device is not None else None
     tensors: list[Any] = [None] * len(records)
     pending: list[tuple[int, reference.LcStream, np.ndarray, np.ndarray]] = []
@@ -923,7 +942,7 @@ def decode_state(
             if progress is not None:
                 progress(done, total)
             continue
-        b = _checked_base(rec, name, shape, dtype, base_tensors)
+        b = _checked_base(rec, name, shape, dtype, base_tensors, fingerprint)
         dev = b.device.type if b is not None else "cpu"
         if rec["codec"] == codecs.BP:
             streams = []
@@ -942,7 +961,7 @@ def decode_state(
             raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
         if rec["codec"] in codecs.CONTEXT_CODECS:
-            contexts = _context_of(rec, name, numel, base_tensors, b, dev)
+            contexts = _context_of(rec, name, numel, base_tensors, b, dev, fingerprint)
             streams = []
             for c, table in enumerate(rec["tables"]):
                 if "freqs" in table:
