@@ -877,6 +877,22 @@ def _decode_rans(rans_items, records, finishers) -> list[torch.Tensor]:
     return symbols  # type: ignore[return-value]
 
 
+def _prefetch_fingerprints(
+    records: list[dict], base_tensors: dict[str, torch.Tensor], fingerprint: codecs.FingerprintCache
+) -> None:
+    """Fingerprint, on the CPU coding threads, every CPU base tensor the records name, so
+    that the checks in index order (which stay in this thread, and still raise) find them
+    computed. Names the base lacks are left to those checks."""
+    names = {rec["name"] for rec in records if rec.get("base") is not None}
+    names |= {ref["name"] for rec in records for ref in rec.get("context") or ()}
+    tensors = [base_tensors[n] for n in sorted(names) if n in base_tensors and base_tensors[n].device.type == "cpu"]
+    threads = min(cpu_threads(), len(tensors))
+    if threads > 1 and backend.threads_allowed("cpu"):
+        with ThreadPoolExecutor(threads) as pool:
+            # Largest first, so that the threads finish together.
+            list(pool.map(fingerprint, sorted(tensors, key=lambda t: -t.numel())))
+
+
 def decode_state(
     container: Container,
     base: Any = None,
@@ -906,6 +922,7 @@ def decode_state(
     # A base moment is checked twice: as its own record's base and as a context of its
     # parameter's lc/3 record.
     fingerprint = codecs.FingerprintCache()
+    _prefetch_fingerprints(records, base_tensors, fingerprint)
     target = torch.device(device) if device is not None else None
     tensors: list[Any] = [None] * len(records)
     pending: list[tuple[int, reference.LcStream, np.ndarray, np.ndarray]] = []
