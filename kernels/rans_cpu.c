@@ -83,8 +83,8 @@ static int64_t enc_flush(uint32_t x, const uint16_t *scratch, int64_t emitted, u
  * Returns the number of words written, or -1 if a symbol has frequency 0 (out is then
  * undefined).
  */
-static int64_t encode_stream(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
-                             const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
+int64_t lct_rans_encode(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
+                        const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
 {
     struct enc_table t;
     enc_table_init(&t, freq, cum);
@@ -131,13 +131,6 @@ int64_t lct_rans_encode_scratch(int64_t chunk)
     return ENC_WAYS * chunk;
 }
 
-/* encode_stream: one stream, one table. */
-int64_t lct_rans_encode(const uint8_t *sym, int64_t numel, int64_t chunk, const uint32_t *freq,
-                        const uint32_t *cum, uint16_t *out, int64_t *counts, uint16_t *scratch)
-{
-    return encode_stream(sym, numel, chunk, freq, cum, out, counts, scratch);
-}
-
 /* Encode `nstreams` streams, stream j being the numel[j] symbols from sym + start[j] coded
  * with its own table (freq and cum: 256 entries per stream), each exactly as
  * lct_rans_encode codes it alone.
@@ -156,8 +149,8 @@ int64_t lct_rans_encode_streams(const uint8_t *sym, int64_t nstreams, const int6
 {
     int64_t total = 0;
     for (int64_t j = 0; j < nstreams; j++) {
-        int64_t n = encode_stream(sym + start[j], numel[j], chunk, freq + 256 * j, cum + 256 * j,
-                                  out + total, counts, scratch);
+        int64_t n = lct_rans_encode(sym + start[j], numel[j], chunk, freq + 256 * j, cum + 256 * j,
+                                   out + total, counts, scratch);
         if (n < 0)
             return -1;
         words[j] = n;
@@ -231,7 +224,8 @@ int lct_rans_decode(const uint16_t *words, int64_t nwords, int64_t nlanes, const
     while (l < nlanes) {
         int64_t n = size[l];
         if (l + 4 <= nlanes && size[l + 1] == n && size[l + 2] == n && size[l + 3] == n) {
-            /* Four lanes of one length side by side, as the encoder codes chunks (ENC_WAYS). */
+            /* Four lanes of one length side by side: their state chains overlap, as the
+             * encoder's do (ENC_WAYS). */
             struct dec_lane d0, d1, d2, d3;
             dec_lane_init(&d0, l, words, start, table, freq, cum, slots, out, stride);
             dec_lane_init(&d1, l + 1, words, start, table, freq, cum, slots, out, stride);

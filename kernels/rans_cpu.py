@@ -1,5 +1,6 @@
-"""The entropy stage on CPU cores: the reference's rANS chunk loops, lc/3 context loops and
-fingerprint sums, compiled from C.
+"""The codec's CPU loops compiled from C: the rANS chunk loops, the context loops of lc/3 and
+lq/2, the float32 passes of lc and lq (pass 1, symbols, reconstruction) and the fingerprint
+sums.
 
 Format: exactly :func:`lctriton.kernels.reference.rans_encode` /
 :func:`~lctriton.kernels.reference.rans_decode`, byte for byte (``tests/test_rans.py``
@@ -8,13 +9,12 @@ per symbol position over all lanes; that is fast for many chunks but pays about 
 array passes per symbol. ``rans_cpu.c`` runs the chunks' loops as scalar code instead, four
 whole chunks side by side so that the core overlaps their independent chains of multiplies
 (about 2 ns a symbol to encode or decode on one core), and :func:`rans_encode_streams`
-codes all of a record's context streams in one call. The lc/3 context stage (:func:`moment_contexts`, :func:`context_histogram`,
-:func:`group_by_context`, :func:`ungroup_by_context`) is one pass each, where the reference's
-torch twins take several (a stable sort among them); so is :func:`fingerprint`, which every
-delta and every load computes for its bases (numpy takes two passes and a widening copy).
-Argument checks and the lane layout are
-the reference's own
-(:func:`~lctriton.kernels.reference.rans_encode_input`,
+codes all of a record's context streams in one call. The context stage
+(:func:`moment_contexts`, :func:`context_histogram`, :func:`group_by_context`,
+:func:`ungroup_by_context`) is one pass each, where the reference's torch twins take several
+(a stable sort among them); so is :func:`fingerprint`, which every delta and every load
+computes for its bases (numpy takes two passes and a widening copy). Argument checks and the
+lane layout are the reference's own (:func:`~lctriton.kernels.reference.rans_encode_input`,
 :func:`~lctriton.kernels.reference.rans_lanes`), so both coders accept and reject the same
 input with the same messages.
 
@@ -447,7 +447,8 @@ def lc_histogram(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
     xs, bs = _flat_cpu(x), _flat_cpu(base)
     # One table per lane of the loop (HISTOGRAM_LANES), added up here.
     counts = torch.zeros(HISTOGRAM_LANES, reference.NUM_FINE_KEYS, dtype=torch.int64)
-    _require().lct_lc_histogram_f32(xs.data_ptr(), None if bs is None else bs.data_ptr(), xs.numel(), counts.data_ptr())
+    base_ptr = None if bs is None else bs.data_ptr()
+    _require().lct_lc_histogram_f32(xs.data_ptr(), base_ptr, xs.numel(), counts.data_ptr())
     return counts.sum(dim=0)
 
 

@@ -207,7 +207,6 @@ def plan_buckets(histogram: np.ndarray, bits: int) -> BucketPlan:
     return BucketPlan(np.repeat(key_to_symbol, reference.FINE_PER_KEY), reps, symbol_counts, bound)
 
 
-
 def base_fingerprint(tensor: torch.Tensor) -> str:
     """A base tensor's fingerprint as records hold it: 16 lowercase hex digits."""
     return f"{backend.fingerprint(tensor):016x}"
@@ -228,7 +227,8 @@ class FingerprintCache:
         self._lock = threading.Lock()
 
     def __call__(self, tensor: torch.Tensor) -> str:
-        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor._version)
+        t = tensor
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version)
         with self._lock:
             hit = self._seen.get(key)
         if hit is not None:
@@ -237,6 +237,7 @@ class FingerprintCache:
         with self._lock:
             self._seen[key] = (tensor, value)
         return value
+
 
 @dataclasses.dataclass
 class EncodedTensor:
@@ -379,8 +380,9 @@ def _context_streams(
         start += n
     parts: list[torch.Tensor] = []
     if spans:
-        coded = (t for t in tables if "freqs" in t)
-        for table, (words, chunk_words) in zip(coded, backend.rans_encode_streams(grouped, spans, np.stack(freqs), chunk_symbols), strict=True):
+        coded = [t for t in tables if "freqs" in t]
+        streams = backend.rans_encode_streams(grouped, spans, np.stack(freqs), chunk_symbols)
+        for table, (words, chunk_words) in zip(coded, streams, strict=True):
             table["words"] = int(words.numel())
             parts += [chunk_words.to(torch.int32), words]
     return tables, parts

@@ -223,6 +223,26 @@ def test_context_record_names_the_base_moments(states):
     assert sum(t["count"] for t in rec["tables"]) == second["model"]["0.weight"].numel()
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_each_base_tensor_is_fingerprinted_once_per_encode_and_decode(states, monkeypatch, threads):
+    """A base moment is its own record's base and a context of its parameter's lc/3 record:
+    encode and decode each fingerprint it once (decode on the coding threads, with 2)."""
+    from lctriton import backend
+
+    monkeypatch.setenv("LCTRITON_THREADS", threads)
+    second, base = states
+    seen = []
+    real = backend.fingerprint
+    monkeypatch.setattr(backend, "fingerprint", lambda t: seen.append(t.data_ptr()) or real(t))
+    c = lctriton.compress(second, base=base, coder="context")
+    named = {r["name"] for r in c.index["tensors"] if r.get("base") is not None}
+    named |= {ref["name"] for r in c.index["tensors"] for ref in r.get("context") or ()}
+    assert any(r["codec"] == codecs.LC3 for r in c.index["tensors"])
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == len(named)
+    seen.clear()
+    lctriton.decompress(c.to_bytes(), base=base)
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == len(named)
+
 def test_context_decode_needs_the_same_base_moments(states):
     second, base = states
     data = lctriton.compress(second, base=base).to_bytes()
