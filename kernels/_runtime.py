@@ -1,14 +1,12 @@
-"""Helpers shared by the kernel modules: interpreter detection, autotune candidates, checks."""
+"""Helpers shared by the kernel modules: interpreter detection and argument checks."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
-import triton
 
-__all__ = ["interpreting", "perf_configs", "check_tensor", "check_device", "check_pair", "DTYPE_KIND"]
+__all__ = ["interpreting", "check_tensor", "check_device", "check_pair", "DTYPE_KIND"]
 
 #: Code passed to kernels as a constexpr for each floating dtype they accept.
 DTYPE_KIND = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -17,13 +15,6 @@ DTYPE_KIND = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def perf_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
-    """Autotune candidates: all of them on a GPU, only the first under the interpreter
-    (with several, ``triton.autotune`` benchmarks through a GPU driver)."""
-    configs = list(configs)
-    return configs[:1] if interpreting() else configs
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
