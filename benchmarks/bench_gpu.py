@@ -12,6 +12,9 @@ times with ``triton.testing.do_bench``:
   ``LCTRITON_GPU_BENCH_RANS_NUMEL`` uint8 symbols (default: as many as elements) drawn from a
   skewed 16-symbol distribution, in chunks of 4096: encode (coder, prefix sum, compaction)
   and decode (with its end check);
+* a profile of one warm compress and decompress (default coder and rANS), torch.profiler and
+  cProfile tables written to ``results/gpu-codec-<device>-profile.txt``: where the end-to-end
+  time goes beyond the kernels;
 * the reference codec on the CPU for the same data is in ``bench_codec.py``.
 
 Each result records ms, GB/s of float32 input, and the fraction of the copy bandwidth (for
@@ -199,3 +202,67 @@ def test_gpu_rans_decode(benchmark, rans_data):
     (out,) = benchmark.pedantic(run, rounds=3, iterations=1)
     assert torch.equal(out, symbols)
     _record_rans(benchmark, ms, words.numel())
+
+
+def _profile_path() -> str:
+    import re
+
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", torch.cuda.get_device_name()).strip("-")
+    return os.path.join(os.path.dirname(__file__), "results", f"gpu-codec-{tag}-profile.txt")
+
+
+@pytest.mark.benchmark(group="gpu-profile")
+def test_gpu_profile_end_to_end(benchmark, data):
+    """Where compress and decompress spend their time: one warm call of each (default coder and
+    rANS) under torch.profiler (host ops and CUDA kernels) and cProfile (Python functions,
+    where a host wait on the GPU shows as time in the call that synchronizes). Written to
+    ``results/gpu-codec-<device>-profile.txt``; the benchmark's own figure is the warm
+    compress-and-decompress round trip with the default coder."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x, base = data
+    report = io.StringIO()
+    for coder in ("auto", "rans"):
+        compressed = lctriton.Compressed.from_bytes(
+            lctriton.compress({"w": x}, base={"w": base}, coder=coder).to_bytes())
+        calls = {
+            "compress": lambda c=coder: lctriton.compress({"w": x}, base={"w": base}, coder=c),
+            "decompress": lambda c=compressed: lctriton.decompress(c, base={"w": base}),
+        }
+        for name, fn in calls.items():
+            fn()  # warm: compiled kernels, verified sections
+            torch.cuda.synchronize()
+            try:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+                averages = prof.key_averages()
+                report.write(f"==== {name}, coder={coder}: torch.profiler, by self CPU time\n")
+                report.write(averages.table(sort_by="self_cpu_time_total", row_limit=20))
+                report.write(f"\n==== {name}, coder={coder}: torch.profiler, by device time\n")
+                report.write(averages.table(sort_by="self_device_time_total", row_limit=15))
+            except Exception as exc:  # the cProfile half below still reports
+                report.write(f"==== {name}, coder={coder}: torch.profiler failed: {exc!r}\n")
+            stats_out = io.StringIO()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            fn()
+            torch.cuda.synchronize()
+            profiler.disable()
+            pstats.Stats(profiler, stream=stats_out).sort_stats("cumulative").print_stats(30)
+            report.write(f"\n==== {name}, coder={coder}: cProfile, cumulative\n{stats_out.getvalue()}\n")
+    path = _profile_path()
+    with open(path, "w") as f:
+        f.write(report.getvalue())
+
+    def round_trip():
+        c = lctriton.compress({"w": x}, base={"w": base})
+        lctriton.decompress(c, base={"w": base})
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(round_trip, rounds=2, iterations=1)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), numel=NUMEL, profile=os.path.basename(path))
