@@ -117,9 +117,13 @@ def _decode_one(item: LcStream, chunk: int, device: torch.device) -> torch.Tenso
     bits = item.chunk_bits.detach().cpu().numpy().astype(np.int64)
     nchunks = bits.size
     offsets = chunk_word_offsets(bits)
-    # One zero word after the stream: a lane peeking at its chunk's last word reads it.
-    words = torch.cat([item.stream.reshape(-1).to(torch.int64), torch.zeros(1, dtype=torch.int64)])
-    words = words.to(device).view(torch.uint64)
+    # One zero word after the stream: a lane peeking at its chunk's last word reads it. The
+    # stream goes straight into its place on the device: no host-side copy of it.
+    stream = item.stream.reshape(-1)
+    words = torch.empty(stream.numel() + 1, dtype=torch.int64, device=device)
+    words[:-1].copy_(stream)
+    words[-1] = 0
+    words = words.view(torch.uint64)
     table_sym, table_len = decode_table(lengths, MAX_CODE_LENGTH)
     ends = torch.empty(nchunks, dtype=torch.int64, device=device)
     _lc_decode_kernel[(triton.cdiv(nchunks, _LANES),)](
