@@ -31,6 +31,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -177,7 +178,9 @@ def trajectory(
     return snapshots
 
 
-def digits_cnn(seed: int = 0, *, batch_size: int = 64, lr: float = 1e-3) -> Workload:
+def digits_cnn(
+    seed: int = 0, *, batch_size: int = 64, lr: float = 1e-3, cosine_steps: int | None = None
+) -> Workload:
     """A small CNN trained with Adam on scikit-learn's bundled 8x8 digits.
 
     The 1797 images of ``sklearn.datasets.load_digits`` (shipped inside scikit-learn, no
@@ -188,15 +191,23 @@ def digits_cnn(seed: int = 0, *, batch_size: int = 64, lr: float = 1e-3) -> Work
     Args:
         seed: Seeds the weight initialization, the split and the batch order.
         batch_size: Training examples per step.
-        lr: Adam learning rate.
+        lr: Adam learning rate (the peak one with ``cosine_steps``).
+        cosine_steps: If given, the learning rate decays from ``lr`` to 0 along a half cosine
+            over this many steps (and stays at 0 after). ``train_step`` sets it from its own
+            step count before each update; like the data order, that count lives in the
+            workload and is never part of a checkpoint.
 
     Returns:
         The workload; building it takes well under a second.
 
     Raises:
         ImportError: If scikit-learn is not installed.
-        ValueError: If ``batch_size`` is not between 1 and the training-set size.
+        ValueError: If ``batch_size`` is not between 1 and the training-set size, or
+            ``cosine_steps`` is not a positive integer.
     """
+    if cosine_steps is not None and (isinstance(cosine_steps, bool) or not isinstance(cosine_steps, int)
+                                     or cosine_steps < 1):
+        raise ValueError(f"cosine_steps must be None or a positive integer, got {cosine_steps!r}")
     images, labels = _digits_data()
     train_idx, test_idx = _stratified_split(
         labels, _TEST_FRACTION, _stream_seed(seed, _SPLIT_STREAM)
@@ -217,9 +228,17 @@ def digits_cnn(seed: int = 0, *, batch_size: int = 64, lr: float = 1e-3) -> Work
         model.add_module("relu3", nn.ReLU())
         model.add_module("fc2", nn.Linear(128, 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_taken = 0
 
     def train_step() -> float:
         # The step uses no random numbers (no dropout), so it needs no RNG isolation.
+        nonlocal steps_taken
+        if cosine_steps is not None:
+            # Set before every update, so a restored optimizer state's stored rate is overridden.
+            done = min(steps_taken, cosine_steps) / cosine_steps
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * done))
+        steps_taken += 1
         idx = order.next_batch()
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -242,7 +261,8 @@ def digits_cnn(seed: int = 0, *, batch_size: int = 64, lr: float = 1e-3) -> Work
         batch_size=batch_size,
         train_size=len(train_idx),
         test_size=len(test_idx),
-        info={"dataset": "sklearn.datasets.load_digits", "classes": 10, "seed": seed, "lr": lr},
+        info={"dataset": "sklearn.datasets.load_digits", "classes": 10, "seed": seed, "lr": lr,
+              "cosine_steps": cosine_steps},
     )
 
 

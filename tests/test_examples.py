@@ -60,6 +60,33 @@ def test_digits_build_leaves_global_rng_untouched():
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_digits_cosine_schedule_sets_the_rate_before_every_step():
+    steps = 4
+    workload = examples.digits_cnn(0, lr=1e-2, cosine_steps=steps)
+    assert workload.info["cosine_steps"] == steps
+    group = workload.optimizer.param_groups[0]
+    seen = []
+    for k in range(steps + 2):
+        if k == 2:
+            # A restored optimizer state carries the rate it was saved with; the schedule wins.
+            group["lr"] = 5.0
+        workload.train_step()
+        seen.append(group["lr"])
+    want = [1e-2 * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)) for k in range(steps + 2)]
+    assert seen == pytest.approx(want, abs=1e-15)
+    assert seen[0] == 1e-2 and seen[-1] == pytest.approx(0.0, abs=1e-15)
+    # Without a schedule the rate is left alone.
+    plain = examples.digits_cnn(0, lr=1e-2)
+    plain.train_step()
+    assert plain.optimizer.param_groups[0]["lr"] == 1e-2 and plain.info["cosine_steps"] is None
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "100"])
+def test_digits_cosine_steps_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="cosine_steps must be None or a positive integer"):
+        examples.digits_cnn(0, cosine_steps=bad)
+
+
 def test_digits_split_shapes_and_parameter_count():
     workload = examples.digits_cnn(0)
     assert workload.train_size + workload.test_size == 1797
