@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import collections
 import fnmatch
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -753,15 +754,19 @@ def _context_of(
     b: torch.Tensor,
     dev: str,
     fingerprint: Callable[[torch.Tensor], str],
+    computed: tuple[torch.Tensor, list[int]] | None = None,
 ) -> torch.Tensor:
     """The contexts of an lc/3 record's elements, from the base's moments it names (checked
     against their fingerprints), or of an lq/2 record's, from its own base ``b`` (checked
-    already); then checked against the record's context counts."""
+    already); then checked against the record's context counts. ``computed``: the contexts
+    and their counts, computed ahead from the same tensors (:func:`_prefetch_base_work`); the
+    checks run all the same."""
     if rec["codec"] == codecs.LQ2:
-        contexts = backend.binade_contexts(b, rec["offset"])
+        contexts = computed[0] if computed else backend.binade_contexts(b, rec["offset"])
     else:
-        contexts = backend.moment_contexts(*_context_moments(rec, name, numel, base_tensors, dev, fingerprint))
-    counts = backend.context_counts(contexts).cpu().tolist()
+        moments = _context_moments(rec, name, numel, base_tensors, dev, fingerprint)
+        contexts = computed[0] if computed else backend.moment_contexts(*moments)
+    counts = computed[1] if computed else backend.context_counts(contexts).cpu().tolist()
     tables = rec["tables"]
     if counts[: len(tables)] != [table["count"] for table in tables] or any(counts[len(tables) :]):
         raise FormatError(f"tensor {name!r}: its context tables do not count the base's contexts")
@@ -877,20 +882,64 @@ def _decode_rans(rans_items, records, finishers) -> list[torch.Tensor]:
     return symbols  # type: ignore[return-value]
 
 
-def _prefetch_fingerprints(
-    records: list[dict], base_tensors: dict[str, torch.Tensor], fingerprint: codecs.FingerprintCache
-) -> None:
-    """Fingerprint, on the CPU coding threads, every CPU base tensor the records name, so
-    that the checks in index order (which stay in this thread, and still raise) find them
-    computed. Names the base lacks are left to those checks."""
+def _prefetch_base_work(
+    records: list[dict],
+    shapes: list[tuple[torch.dtype, tuple[int, ...], int]],
+    base_tensors: dict[str, torch.Tensor],
+    fingerprint: codecs.FingerprintCache,
+) -> dict[int, tuple[torch.Tensor, list[int]]]:
+    """Compute, on the CPU coding threads, what the checks in index order need from CPU base
+    tensors: the fingerprint of every base tensor the records name (into ``fingerprint``'s
+    cache) and the contexts and context counts of every ``lc/3`` and ``lq/2`` record.
+
+    The checks stay in the calling thread, in index order, and still raise; they only find
+    the work done. Records whose base tensors are missing or do not fit are left to them.
+
+    Returns:
+        Record index -> (contexts, counts per context).
+    """
+    if not (cpu_threads() > 1 and backend.threads_allowed("cpu")):
+        return {}
+
+    def on_cpu(t: torch.Tensor | None) -> bool:
+        return t is not None and t.device.type == "cpu"
+
     names = {rec["name"] for rec in records if rec.get("base") is not None}
     names |= {ref["name"] for rec in records for ref in rec.get("context") or ()}
-    tensors = [base_tensors[n] for n in sorted(names) if n in base_tensors and base_tensors[n].device.type == "cpu"]
-    threads = min(cpu_threads(), len(tensors))
-    if threads > 1 and backend.threads_allowed("cpu"):
+    jobs: list[tuple[int, Callable[[], Any]]] = [
+        (base_tensors[n].numel(), functools.partial(fingerprint, base_tensors[n]))
+        for n in sorted(names) if on_cpu(base_tensors.get(n))
+    ]
+    found: dict[int, tuple[torch.Tensor, list[int]]] = {}
+
+    def contexts_of(i: int, compute: Callable[[], torch.Tensor]) -> None:
+        try:
+            contexts = compute()
+            found[i] = (contexts, backend.context_counts(contexts).tolist())
+        except (TypeError, ValueError, RuntimeError):
+            pass  # the check in index order computes it again and raises in its turn
+
+    for i, (rec, (dtype, shape, numel)) in enumerate(zip(records, shapes, strict=True)):
+        if rec["codec"] == codecs.LQ2 and rec["base"] is not None:
+            b = base_tensors.get(rec["name"])
+            if on_cpu(b) and tuple(b.shape) == shape and b.dtype == dtype:
+                jobs.append((numel, functools.partial(
+                    contexts_of, i, functools.partial(backend.binade_contexts, b, rec["offset"]))))
+        elif rec["codec"] == codecs.LC3:
+            # Decoded where the record's own base lives: only CPU records are computed here.
+            own = base_tensors.get(rec["name"]) if rec["base"] is not None else None
+            moments = [base_tensors.get(ref["name"]) for ref in rec["context"]]
+            if (own is None or on_cpu(own)) and all(
+                on_cpu(t) and t.is_floating_point() and t.numel() == numel for t in moments
+            ):
+                jobs.append((numel, functools.partial(
+                    contexts_of, i, functools.partial(backend.moment_contexts, *moments))))
+    threads = min(cpu_threads(), len(jobs))
+    if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             # Largest first, so that the threads finish together.
-            list(pool.map(fingerprint, sorted(tensors, key=lambda t: -t.numel())))
+            list(pool.map(lambda job: job[1](), sorted(jobs, key=lambda job: -job[0])))
+    return found
 
 
 def decode_state(
@@ -922,7 +971,7 @@ def decode_state(
     # A base moment is checked twice: as its own record's base and as a context of its
     # parameter's lc/3 record.
     fingerprint = codecs.FingerprintCache()
-    _prefetch_fingerprints(records, base_tensors, fingerprint)
+    computed_contexts = _prefetch_base_work(records, shapes, base_tensors, fingerprint)
     target = torch.device(device) if device is not None else None
     tensors: list[Any] = [None] * len(records)
     pending: list[tuple[int, reference.LcStream, np.ndarray, np.ndarray]] = []
@@ -978,7 +1027,7 @@ def decode_state(
             raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
         if rec["codec"] in codecs.CONTEXT_CODECS:
-            contexts = _context_of(rec, name, numel, base_tensors, b, dev, fingerprint)
+            contexts = _context_of(rec, name, numel, base_tensors, b, dev, fingerprint, computed_contexts.get(i))
             streams = []
             for c, table in enumerate(rec["tables"]):
                 if "freqs" in table:

@@ -11,6 +11,7 @@ are missing or changed.
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -242,6 +243,39 @@ def test_each_base_tensor_is_fingerprinted_once_per_encode_and_decode(states, mo
     seen.clear()
     lctriton.decompress(c.to_bytes(), base=base)
     assert sorted(seen) == sorted(set(seen)) and len(seen) == len(named)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("pair, codec", [("states", codecs.LC3), ("binade_states", codecs.LQ2)])
+def test_decode_computes_each_records_contexts_once(request, monkeypatch, threads, pair, codec):
+    """With 2 threads the contexts and their counts are computed ahead on the coding threads,
+    with 1 in the checks; either way once per lc/3 or lq/2 record, and to the same tensors."""
+    from lctriton import backend
+
+    monkeypatch.setenv("LCTRITON_THREADS", threads)
+    second, base = request.getfixturevalue(pair)
+    c = lctriton.compress(second, base=base, coder="context")
+    context_records = [r for r in c.index["tensors"] if r["codec"] in codecs.CONTEXT_CODECS]
+    assert codec in {r["codec"] for r in context_records}
+    calls = []
+    for fn in ("moment_contexts", "binade_contexts", "context_counts"):
+        real = getattr(backend, fn)
+
+        def counted(*args, _fn=fn, _real=real):
+            calls.append((_fn, threading.current_thread() is threading.main_thread()))
+            return _real(*args)
+
+        monkeypatch.setattr(backend, fn, counted)
+    restored = lctriton.decompress(c.to_bytes(), base=base)
+    names = [fn for fn, _ in calls]
+    assert names.count("context_counts") == len(context_records)
+    assert names.count("moment_contexts") + names.count("binade_contexts") == len(context_records)
+    assert all(in_main == (threads == "1") for _, in_main in calls)
+    monkeypatch.undo()
+    again = lctriton.decompress(c.to_bytes(), base=base)
+    for k, v in lctriton.pipeline.flatten_tensors(again).items():
+        assert_bit_exact(lctriton.pipeline.flatten_tensors(restored)[k], v, k)
+
 
 def test_context_decode_needs_the_same_base_moments(states):
     second, base = states
