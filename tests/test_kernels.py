@@ -310,6 +310,94 @@ def test_backend_files_are_identical_both_ways(monkeypatch):
     assert used == set(codecs.ALL_CODECS)
 
 
+#: Pointer types of a kernel signature, by the dtype of the tensor passed.
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16",
+                  torch.bfloat16: "*bf16", torch.uint8: "*u8", torch.int8: "*i8", torch.int16: "*i16",
+                  torch.uint16: "*u16", torch.int32: "*i32", torch.uint32: "*u32", torch.int64: "*i64",
+                  torch.uint64: "*u64", torch.bool: "*i1"}
+
+_LOWER_LAUNCHES = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+for launch in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = launch["args"][param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, dict):
+            signature[param.name] = value["pointer"]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+    try:
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32), options=launch["options"])
+    except Exception as exc:
+        print(f"{launch['module']}.{launch['kernel']} {constexprs}: {exc}", file=sys.stderr)
+        raise
+    print(f"{launch['module']}.{launch['kernel']}")
+"""
+
+
+def test_every_codec_kernel_launch_lowers_for_a_gpu(monkeypatch):
+    """Every distinct launch the codec makes (kernel, argument types, constexprs) while coding
+    and decoding files of every codec and dtype, compiled for an sm_90 GPU without one, in a
+    process without the interpreter: what would break on a GPU with this Triton shows here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = {}
+    real_run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        values = dict(zip(self.arg_names, args, strict=False))
+        values.update({k: v for k, v in kwargs.items() if k in self.arg_names})
+        record = {
+            "module": self.fn.__module__,
+            "kernel": self.fn.__name__,
+            "args": {k: {"pointer": _POINTER_TYPES[v.dtype]} if isinstance(v, torch.Tensor) else v
+                     for k, v in values.items()},
+            "options": {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")},
+        }
+        # Runtime integers only matter by width: one entry per width, not per value.
+        key = json.dumps({**record, "args": {k: (v if isinstance(v, (dict, bool, float)) or k.isupper()
+                                                 else -2**31 <= v < 2**31) for k, v in record["args"].items()}},
+                         sort_keys=True, default=str)
+        launches.setdefault(key, record)
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+    state, base = _every_codec_state(3000)
+    for dtype in (torch.float64, torch.float16):
+        x, b = _pair(5000, dtype, seed=1)
+        state["model"][f"x_{dtype}"], base["model"][f"x_{dtype}"] = x, b
+    # A delta of one value everywhere: a fill, decoded without a stream.
+    state["model"]["fill"], base["model"]["fill"] = torch.full((5000,), 0.5), torch.full((5000,), 0.25)
+    for coder in EVERY_CODEC_CODERS:
+        blob = lctriton.compress(state, base=base, chunk_symbols=64, coder=coder).to_bytes()
+        lctriton.decompress(blob, base=base)
+    kernels = {(r["module"], r["kernel"]) for r in launches.values()}
+    assert len(kernels) == 11, sorted(kernels)  # histogram, encode (2), decode (3), lq (2), rans (3)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _LOWER_LAUNCHES], input=json.dumps(list(launches.values())),
+                          env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "ptxas" in done.stderr and ("No such file" in done.stderr or "not found" in done.stderr):
+        pytest.skip(f"this Triton has no CUDA toolchain here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) == len(launches)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_gpu_large_tensors_match_reference(dtype):
