@@ -155,9 +155,11 @@ def _lc_pack_kernel(
         # Shift amounts are kept below 64 in every lane (the others' results are unused).
         left = tl.where(straddle | (length == 0), 0, 64 - end)
         right = tl.where(straddle, end - 64, 0)
-        tl.atomic_or(words_ptr + word, (code << left) >> right, mask=live)
+        # Relaxed: the ORs commute and nothing reads the words before the kernel ends, so the
+        # default acquire-release ordering would only cost fences.
+        tl.atomic_or(words_ptr + word, (code << left) >> right, mask=live, sem="relaxed")
         spill = code << tl.where(straddle, 128 - end, 0)
-        tl.atomic_or(words_ptr + word + 1, spill, mask=live & straddle)
+        tl.atomic_or(words_ptr + word + 1, spill, mask=live & straddle, sem="relaxed")
         bitpos += tl.sum(length, axis=0)
 
 

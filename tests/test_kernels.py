@@ -316,8 +316,8 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16:
                   torch.uint16: "*u16", torch.int32: "*i32", torch.uint32: "*u32", torch.int64: "*i64",
                   torch.uint64: "*u64", torch.bool: "*i1"}
 
-_LOWER_LAUNCHES = """
-import importlib, json, sys
+_LOWER_LAUNCHES = r"""
+import importlib, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -336,12 +336,13 @@ for launch in json.load(sys.stdin):
         else:
             signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
     try:
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                             target=GPUTarget("cuda", 90, 32), options=launch["options"]).asm["ptx"]
     except Exception as exc:
         print(f"{launch['module']}.{launch['kernel']} {constexprs}: {exc}", file=sys.stderr)
         raise
-    print(f"{launch['module']}.{launch['kernel']}")
+    atomics = sorted(set(re.findall(r"(?:atom|red)\.global\.[\w.]+", ptx)))
+    print(json.dumps([f"{launch['module']}.{launch['kernel']}", atomics]))
 """
 
 
@@ -395,7 +396,13 @@ def test_every_codec_kernel_launch_lowers_for_a_gpu(monkeypatch):
     if done.returncode != 0 and "ptxas" in done.stderr and ("No such file" in done.stderr or "not found" in done.stderr):
         pytest.skip(f"this Triton has no CUDA toolchain here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.splitlines()) == len(launches)
+    compiled = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(compiled) == len(launches)
+    # Global atomics only accumulate (counts, stream bits) that nothing reads before the
+    # kernel ends: they must be relaxed reductions, without acquire-release fences.
+    for name, atomics in compiled:
+        assert all(a.startswith("red.global.gpu.relaxed.") for a in atomics), (name, atomics)
+    assert any(atomics for _, atomics in compiled)
 
 
 @pytest.mark.gpu
