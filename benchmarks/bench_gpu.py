@@ -27,6 +27,7 @@ name.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -259,10 +260,16 @@ def test_gpu_profile_end_to_end(benchmark, data):
     with open(path, "w") as f:
         f.write(report.getvalue())
 
+    seconds = []
+
     def round_trip():
+        start = time.perf_counter()
         c = lctriton.compress({"w": x}, base={"w": base})
         lctriton.decompress(c, base={"w": base})
         torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
 
     benchmark.pedantic(round_trip, rounds=2, iterations=1)
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), numel=NUMEL, profile=os.path.basename(path))
+    # "ms" puts the row in the GPU table of the results (a host-clock median here, not do_bench).
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), numel=NUMEL, profile=os.path.basename(path),
+                                ms=1e3 * sorted(seconds)[len(seconds) // 2])

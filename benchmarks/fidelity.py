@@ -119,6 +119,8 @@ class WorkloadSpec:
         restores: Restores in each restored run.
         controls: Noise-floor control runs.
         restore_from: ``"disk"`` or ``"memory"`` (see :func:`sweep`).
+        cosine_over_run: Build with ``cosine_steps`` set to the run's steps (``--steps`` or
+            ``steps``), so that the learning rate reaches 0 at the run's last step.
     """
 
     build: Callable[[int], examples.Workload]
@@ -127,6 +129,7 @@ class WorkloadSpec:
     restores: int
     controls: int
     restore_from: str = "disk"
+    cosine_over_run: bool = False
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -135,7 +138,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     # The same run with the learning rate decayed to 0 along a half cosine, as most training
     # schedules end, instead of held at its peak through 45 epochs.
     "digits-cosine": WorkloadSpec(
-        functools.partial(examples.digits_cnn, cosine_steps=1000), steps=1000, every=20, restores=10, controls=3
+        examples.digits_cnn, steps=1000, every=20, restores=10, controls=3, cosine_over_run=True
     ),
     # 0.3-0.5 s per step on 2 cores; 200 steps are 5.5 epochs of the 584 docstrings. A
     # checkpoint is 271 MB of tensors, which the CPU codec encodes in about 9 s (a lossy
@@ -1270,10 +1273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = parse_settings(args.settings)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    steps = args.steps or spec.steps
+    build = functools.partial(spec.build, cosine_steps=steps) if spec.cosine_over_run else spec.build
     record = sweep(
-        spec.build,
+        build,
         settings,
-        steps=args.steps or spec.steps,
+        steps=steps,
         every=args.every or spec.every,
         restores=spec.restores if args.restores is None else args.restores,
         seed=args.seed,

@@ -1,7 +1,7 @@
 """GPU study of pass 1 (the fine-key histogram): the shipped kernel against other layouts.
 
 Run on a CUDA machine: ``python benchmarks/histogram_study.py [numel]`` (default 2**28). Every
-variant must give the shipped kernel's counts exactly; each is timed twice with
+variant must give the shipped kernel's counts exactly (``exact=True``); each is timed twice with
 ``triton.testing.do_bench`` (median) on a float32 pair like ``bench_gpu.py``'s. The floor is
 the device's copy time for the same bytes: pass 1 reads 8 bytes per element, a copy of the
 tensor reads 4 and writes 4.
@@ -17,9 +17,11 @@ Variants:
   one, without its per-block atomics);
 * ``int16 keys + bincount``: the keys written out, then ``torch.bincount``.
 
-Measured on an H100 (triton 3.6, 2**28 elements, floor 0.72 ms): persistent tl.histogram
-108 ms, global atomics (now shipped) 32.6 ms, keys + bincount 49.1 ms; the layout shipped
-before (a block histogram plus 8192 atomics per block) took 593 ms per 2**30 elements.
+Measured on an H100 (triton 3.6, 2**28 elements, floor 0.72 ms) with an earlier draft of this
+script, which also swept 2, 4 and 8 persistent programs per SM and BLOCK 2048 to 8192:
+persistent tl.histogram 107.8-108.6 ms (BLOCK 2048-4096; 321-332 ms at 8192), global
+atomics (now shipped) 32.6 ms, keys + bincount 49.1 ms. The layout shipped before (a block
+histogram plus 8192 atomics per block) took 593 ms per 2**30 elements in ``bench_gpu.py``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def _keys(x_ptr, base_ptr, keys_ptr, n, BLOCK: tl.constexpr):
 
 
 def persistent(x, base, block=2048, per_sm=4, warps=4):
+    """Counts with ``per_sm`` persistent programs per multiprocessor, each accumulating the
+    ``tl.histogram`` of its blocks and adding its table to the result once."""
     n = x.numel()
     hist = torch.zeros(NUM_FINE_KEYS, dtype=torch.int64, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -79,6 +83,7 @@ def persistent(x, base, block=2048, per_sm=4, warps=4):
 
 
 def replicated(x, base, replicas, block=4096):
+    """Counts with per-element atomics spread over ``replicas`` tables, summed afterwards."""
     n = x.numel()
     hist = torch.zeros(replicas * NUM_FINE_KEYS, dtype=torch.int32, device=x.device)
     _replicated[(triton.cdiv(n, block),)](x, base, hist, n, REPLICAS=replicas, BLOCK=block, num_warps=8)
@@ -86,6 +91,7 @@ def replicated(x, base, replicas, block=4096):
 
 
 def keys_bincount(x, base, block=4096):
+    """Writes the int16 fine keys, then counts them with ``torch.bincount``."""
     n = x.numel()
     keys = torch.empty(n, dtype=torch.int16, device=x.device)
     _keys[(triton.cdiv(n, block),)](x, base, keys, n, BLOCK=block, num_warps=8)
@@ -100,7 +106,7 @@ def main() -> None:
     dst = torch.empty_like(x)
     floor_ms = do_bench(lambda: dst.copy_(x), return_mode="median")
     print(f"{torch.cuda.get_device_name()}, n={n}, floor (copy of the same bytes) {floor_ms:.3f} ms", flush=True)
-    want = keys_bincount(x, base)
+    want = lc_histogram(x, base)
     variants = {"shipped": lambda: lc_histogram(x, base)}
     for replicas in (4, 16, 64):
         variants[f"replicated {replicas}"] = lambda r=replicas: replicated(x, base, r)

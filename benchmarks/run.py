@@ -67,8 +67,10 @@ def _summary(data: dict) -> str:
         lines += [
             "",
             "GPU runs: `ms` is triton.testing.do_bench's median; GB/s counts float32 input (4 bytes per "
-            "element) or, for the rANS coder, symbols (1 byte each); `of copy` is the bytes the run "
-            "must move over the device's copy bandwidth, measured in the same process.",
+            "element) or, for the rANS coder, symbols (1 byte each); `of copy` is the run's counted "
+            "bytes per second over the device's copy bandwidth, measured in the same process (pass 1 "
+            "counts the 8 bytes per element it reads; the other runs count the 4-byte input only, "
+            "not everything they move).",
             "",
             "| benchmark | elements | ms | GB/s | of copy | ratio | codec | bits/symbol |",
             "|---|---:|---:|---:|---:|---:|---|---:|",
@@ -109,6 +111,9 @@ def main() -> int:
            f"--benchmark-json={out}", "--benchmark-sort=name", *[str(HERE / f) for f in SUITES[args.suite]],
            *args.pytest_args]
     print(" ".join(cmd), flush=True)
+    # An earlier run's file must not pass for this run's when this one records nothing.
+    out.unlink(missing_ok=True)
+    out.with_suffix(".md").unlink(missing_ok=True)
     rc = subprocess.call(cmd, cwd=HERE.parent, env=dict(os.environ))
     try:
         data = json.loads(out.read_text())

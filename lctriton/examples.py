@@ -32,6 +32,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -202,12 +203,16 @@ def digits_cnn(
 
     Raises:
         ImportError: If scikit-learn is not installed.
+        TypeError: If ``cosine_steps`` is neither None nor an integer.
         ValueError: If ``batch_size`` is not between 1 and the training-set size, or
-            ``cosine_steps`` is not a positive integer.
+            ``cosine_steps`` is below 1.
     """
-    if cosine_steps is not None and (isinstance(cosine_steps, bool) or not isinstance(cosine_steps, int)
-                                     or cosine_steps < 1):
-        raise ValueError(f"cosine_steps must be None or a positive integer, got {cosine_steps!r}")
+    if cosine_steps is not None:
+        if isinstance(cosine_steps, bool) or not isinstance(cosine_steps, numbers.Integral):
+            raise TypeError(f"cosine_steps must be None or an integer, got {type(cosine_steps).__name__}")
+        cosine_steps = int(cosine_steps)
+        if cosine_steps < 1:
+            raise ValueError(f"cosine_steps must be at least 1, got {cosine_steps}")
     images, labels = _digits_data()
     train_idx, test_idx = _stratified_split(
         labels, _TEST_FRACTION, _stream_seed(seed, _SPLIT_STREAM)

@@ -272,9 +272,30 @@ def test_decode_computes_each_records_contexts_once(request, monkeypatch, thread
     assert names.count("moment_contexts") + names.count("binade_contexts") == len(context_records)
     assert all(in_main == (threads == "1") for _, in_main in calls)
     monkeypatch.undo()
+    monkeypatch.setenv("LCTRITON_THREADS", "1")  # computed in the checks, for comparison
     again = lctriton.decompress(c.to_bytes(), base=base)
     for k, v in lctriton.pipeline.flatten_tensors(again).items():
         assert_bit_exact(lctriton.pipeline.flatten_tensors(restored)[k], v, k)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_decode_errors_come_in_record_order_with_work_done_ahead(states, monkeypatch, threads):
+    """A wrong base on an early record and a changed moment behind a later lc/3 record: the
+    early record's error is the one raised, whether the contexts were computed ahead or not."""
+    monkeypatch.setenv("LCTRITON_THREADS", threads)
+    second, base = states
+    c = lctriton.compress(second, base=base, coder="context")
+    names = [r["name"] for r in c.index["tensors"]]
+    lc3 = [r["name"] for r in c.index["tensors"] if r["codec"] == codecs.LC3]
+    first = next(r["name"] for r in c.index["tensors"] if r.get("base") is not None)
+    assert names.index(first) < names.index(lc3[-1])
+    broken = copy.deepcopy(base)
+    flat = pipeline.flatten_tensors(broken)
+    flat[first].view(-1)[0] += 1  # the first record's base no longer matches its fingerprint
+    rec = next(r for r in c.index["tensors"] if r["name"] == lc3[-1])
+    flat[rec["context"][1]["name"]].mul_(4)  # and a later lc/3 record's contexts change
+    with pytest.raises(BaseMismatchError, match=repr(first)):
+        lctriton.decompress(c.to_bytes(), base=broken)
 
 
 def test_context_decode_needs_the_same_base_moments(states):

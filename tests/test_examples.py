@@ -81,10 +81,17 @@ def test_digits_cosine_schedule_sets_the_rate_before_every_step():
     assert plain.optimizer.param_groups[0]["lr"] == 1e-2 and plain.info["cosine_steps"] is None
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "100"])
-def test_digits_cosine_steps_must_be_a_positive_integer(bad):
-    with pytest.raises(ValueError, match="cosine_steps must be None or a positive integer"):
+@pytest.mark.parametrize("bad, error, match", [
+    (0, ValueError, "cosine_steps must be at least 1, got 0"),
+    (-3, ValueError, "cosine_steps must be at least 1, got -3"),
+    (2.5, TypeError, "cosine_steps must be None or an integer, got float"),
+    (True, TypeError, "cosine_steps must be None or an integer, got bool"),
+    ("100", TypeError, "cosine_steps must be None or an integer, got str"),
+])
+def test_digits_cosine_steps_must_be_a_positive_integer(bad, error, match):
+    with pytest.raises(error, match=match):
         examples.digits_cnn(0, cosine_steps=bad)
+    assert examples.digits_cnn(0, cosine_steps=np.int64(10)).info["cosine_steps"] == 10
 
 
 def test_digits_split_shapes_and_parameter_count():

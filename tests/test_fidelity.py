@@ -205,3 +205,23 @@ def test_memory_restores_match_the_chain_decoded_from_disk(tmp_path):
     ]
     assert lossy["disk_check"]["step"] == 10 and lossy["disk_check"]["identical"]
     assert fidelity.check_record(record) == []
+
+
+def test_cosine_workload_decays_over_the_steps_asked_for(monkeypatch):
+    built = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_sweep(build, settings, *, steps, **kwargs):
+        built["steps"], built["cosine_steps"] = steps, build(0).info["cosine_steps"]
+        raise Stop
+
+    monkeypatch.setattr(fidelity, "sweep", fake_sweep)
+    for argv, steps in ((["--workload", "digits-cosine", "--steps", "40"], 40), (["--workload", "digits-cosine"], 1000)):
+        with pytest.raises(Stop):
+            fidelity.main([*argv, "--settings", "[{}]", "-q"])
+        assert built == {"steps": steps, "cosine_steps": steps}
+    with pytest.raises(Stop):
+        fidelity.main(["--workload", "digits", "--steps", "40", "--settings", "[{}]", "-q"])
+    assert built == {"steps": 40, "cosine_steps": None}

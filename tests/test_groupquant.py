@@ -262,8 +262,8 @@ def test_kernels_lower_for_a_gpu_without_fused_multiply_add(ptr, kind):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _LOWERING, ptr, str(kind)], env=env, capture_output=True,
                           text=True, timeout=300)
-    if done.returncode != 0 and "ptxas" in done.stderr:
-        pytest.skip(f"this Triton cannot lower for CUDA here: {done.stderr[-300:]}")
+    if done.returncode != 0 and "ptxas" in done.stderr and ("No such file" in done.stderr or "not found" in done.stderr):
+        pytest.skip(f"this Triton has no CUDA toolchain here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-2000:]
     quantize, dequantize = json.loads(done.stdout)
     # The bytes depend on correctly rounded division and on separate multiplies and adds.

@@ -50,13 +50,21 @@ def test_histogram_matches_reference(dtype, n, with_base):
 
 
 @pytest.mark.parametrize("with_base", [True, False])
-def test_histogram_counts_large_tensors_in_segments(monkeypatch, with_base):
-    # Tensors of 2**30 elements or more are counted one int32 table per segment; a small
-    # segment takes that path, with a last segment shorter than the others.
+@pytest.mark.parametrize("n, dtype", [(12_345, torch.float32), (5000, torch.float32), (10_000, torch.float16)])
+def test_histogram_counts_large_tensors_in_segments(monkeypatch, with_base, n, dtype):
+    # Tensors of more than 2**30 elements are counted one int32 table per segment; a small
+    # segment takes that path: a shorter last segment, exactly one segment, exactly two.
     monkeypatch.setattr(histogram, "_SEGMENT", 5000)
-    x, base = _pair(12_345, torch.float32, seed=3)
+    x, base = _pair(n, dtype, seed=3)
     b = base if with_base else None
     assert torch.equal(histogram.lc_histogram(x, b), reference.lc_histogram(x, b))
+
+
+@pytest.mark.gpu
+def test_gpu_histogram_segments_match_reference(monkeypatch):
+    monkeypatch.setattr(histogram, "_SEGMENT", 1 << 20)
+    x, base = _pair(3 * (1 << 20) + 12_345, torch.float32, seed=4)
+    assert torch.equal(histogram.lc_histogram(x.cuda(), base.cuda()).cpu(), reference.lc_histogram(x, base))
 
 
 _HISTOGRAM_LOWERING = """
@@ -86,8 +94,8 @@ def test_histogram_lowers_for_a_gpu_to_relaxed_reductions(ptr, kind):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _HISTOGRAM_LOWERING, ptr, str(kind)], env=env,
                           capture_output=True, text=True, timeout=300)
-    if done.returncode != 0 and "ptxas" in done.stderr:
-        pytest.skip(f"this Triton cannot lower for CUDA here: {done.stderr[-300:]}")
+    if done.returncode != 0 and "ptxas" in done.stderr and ("No such file" in done.stderr or "not found" in done.stderr):
+        pytest.skip(f"this Triton has no CUDA toolchain here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"red\.global\.gpu\.relaxed\.add\.u32", done.stdout)
     assert "atom." not in done.stdout
