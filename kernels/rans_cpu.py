@@ -233,7 +233,6 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     return torch.from_numpy(words.view(np.int16)), torch.from_numpy(counts)
 
 
-
 def rans_encode_streams(
     symbols: torch.Tensor, spans: list[tuple[int, int]], freqs: object, chunk_symbols: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,6 +270,7 @@ def rans_encode_streams(
         (stream[w1 - w : w1], table[c1 - c : c1])
         for w, w1, c, c1 in zip(words.tolist(), word_ends, chunks.tolist(), chunk_ends, strict=True)
     ]
+
 
 def rans_decode(items: list[RansStream], chunk_symbols: int) -> list[torch.Tensor]:
     """Decode many rANS streams; same arguments, result and errors as

@@ -1046,7 +1046,6 @@ def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int) 
     return torch.from_numpy(words.view(np.int16)), torch.from_numpy(counts)
 
 
-
 def rans_encode_streams(
     symbols: torch.Tensor, spans: Sequence[tuple[int, int]], freqs: object, chunk_symbols: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -1109,6 +1108,7 @@ def rans_streams_input(
         raise ValueError(f"freqs must hold one table per span ({starts.size}), got shape {raw.shape}")
     tables = np.stack([_check_rans_table(row) for row in raw]) if starts.size else raw.astype(np.int64)
     return flat, starts, counts, tables
+
 
 #: What every rANS encoder raises for a symbol outside its table.
 RANS_ZERO_FREQUENCY = "a symbol to code has frequency 0"

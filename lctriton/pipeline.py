@@ -904,32 +904,24 @@ def _prefetch_base_work(
     def on_cpu(t: torch.Tensor | None) -> bool:
         return t is not None and t.device.type == "cpu"
 
-    def ahead(job: Callable[[], object]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                job()
-            except (TypeError, ValueError, RuntimeError):
-                pass  # the check in index order does this again and raises in its turn
-        return run
+    found: dict[int, tuple[torch.Tensor, list[int]]] = {}
+
+    def contexts_of(i: int, compute: Callable[..., torch.Tensor], *args: Any) -> None:
+        contexts = compute(*args)
+        found[i] = (contexts, backend.context_counts(contexts).tolist())
 
     names = {rec["name"] for rec in records if rec.get("base") is not None}
     names |= {ref["name"] for rec in records for ref in rec.get("context") or ()}
-    jobs: list[tuple[int, Callable[[], None]]] = [
-        (base_tensors[n].numel(), ahead(functools.partial(fingerprint, base_tensors[n])))
+    # (elements, job): fingerprints first, then the contexts of lq/2 and lc/3 records.
+    jobs: list[tuple[int, Callable[[], object]]] = [
+        (base_tensors[n].numel(), functools.partial(fingerprint, base_tensors[n]))
         for n in sorted(names) if on_cpu(base_tensors.get(n))
     ]
-    found: dict[int, tuple[torch.Tensor, list[int]]] = {}
-
-    def contexts_of(i: int, compute: Callable[[], torch.Tensor]) -> None:
-        contexts = compute()
-        found[i] = (contexts, backend.context_counts(contexts).tolist())
-
     for i, (rec, (dtype, shape, numel)) in enumerate(zip(records, shapes, strict=True)):
         if rec["codec"] == codecs.LQ2 and rec["base"] is not None:
             b = base_tensors.get(rec["name"])
             if on_cpu(b) and tuple(b.shape) == shape and b.dtype == dtype:
-                jobs.append((numel, ahead(functools.partial(
-                    contexts_of, i, functools.partial(backend.binade_contexts, b, rec["offset"])))))
+                jobs.append((numel, functools.partial(contexts_of, i, backend.binade_contexts, b, rec["offset"])))
         elif rec["codec"] == codecs.LC3:
             # Decoded where the record's own base lives: only CPU records are computed here.
             own = base_tensors.get(rec["name"]) if rec["base"] is not None else None
@@ -937,13 +929,19 @@ def _prefetch_base_work(
             if (own is None or on_cpu(own)) and all(
                 on_cpu(t) and t.is_floating_point() and t.numel() == numel for t in moments
             ):
-                jobs.append((numel, ahead(functools.partial(
-                    contexts_of, i, functools.partial(backend.moment_contexts, *moments)))))
+                jobs.append((numel, functools.partial(contexts_of, i, backend.moment_contexts, *moments)))
+
+    def run(job: tuple[int, Callable[[], object]]) -> None:
+        try:
+            job[1]()
+        except (TypeError, ValueError, RuntimeError):
+            pass  # the check in index order does this again and raises in its turn
+
     threads = min(cpu_threads(), len(jobs))
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             # Largest first, so that the threads finish together.
-            list(pool.map(lambda job: job[1](), sorted(jobs, key=lambda job: -job[0])))
+            list(pool.map(run, sorted(jobs, key=lambda job: -job[0])))
     return found
 
 

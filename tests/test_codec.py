@@ -320,7 +320,6 @@ def test_fingerprint_sees_every_single_change_and_swaps():
     assert bits(x).numel() == 10_000
 
 
-
 def test_fingerprint_cache_computes_each_base_once_and_sees_writes(monkeypatch):
     """One encode names a base moment twice (its own record, its parameter's lc/3 context):
     the cache computes it once, and an in-place write to the tensor is a new tensor to it."""
@@ -340,6 +339,7 @@ def test_fingerprint_cache_computes_each_base_once_and_sees_writes(monkeypatch):
     assert cache(x) == f"{reference.fingerprint(x):016x}" != want
     assert calls == [5000, 4999, 5000]
     assert codecs.base_fingerprint(x) == cache(x)
+
 
 @pytest.mark.parametrize(
     "dtype, x, b",

@@ -378,7 +378,8 @@ def test_every_codec_kernel_launch_lowers_for_a_gpu(monkeypatch):
                      for k, v in values.items()},
             "options": {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")},
         }
-        # Runtime integers only matter by width: one entry per width, not per value.
+        # Runtime integers only matter by width: one entry per width, not per value. The
+        # kernels name their constexprs in capitals; those keep their values in the key.
         key = json.dumps({**record, "args": {k: (v if isinstance(v, (dict, bool, float)) or k.isupper()
                                                  else -2**31 <= v < 2**31) for k, v in record["args"].items()}},
                          sort_keys=True, default=str)
@@ -569,6 +570,7 @@ def test_compiled_histogram_matches_reference_on_special_values(dtype, with_base
             reference.lc_histogram(*bad)
         with pytest.raises(want.type, match=re.escape(str(want.value))):
             rans_cpu.lc_histogram(*bad)
+
 
 def test_lq_rejects_a_table_with_symbol_zero():
     x, base = _moment_pair(100, torch.float32)

@@ -470,7 +470,6 @@ def test_compiled_coder_builds_into_its_cache_and_falls_back_without_a_compiler(
         rans_cpu._library.cache_clear()
 
 
-
 def _streams_case(rng: np.random.Generator, sizes: list[int]):
     """A symbol tensor and spans over it, one per size, each with a table of its own (rows
     padded to 256 entries) and symbols no span covers between them."""
@@ -613,7 +612,6 @@ def test_kernel_decodes_many_streams():
     assert all(g.device == torch.device("cpu") for g in tri.rans_decode(items, 64, device="cpu"))
 
 
-
 def _assert_streams_equal(sym: torch.Tensor, spans, tables: np.ndarray, chunk: int) -> None:
     got = tri.rans_encode_streams(sym, spans, tables, chunk)
     want = reference.rans_encode_streams(sym.cpu(), spans, tables, chunk)
@@ -627,6 +625,7 @@ def test_kernel_codes_many_streams_in_one_launch():
     rng = np.random.default_rng(22)
     _assert_streams_equal(*_streams_case(rng, [0, 1, 97, 64, 65, 3 * 64 + 17]), 64)
     assert tri.rans_encode_streams(torch.zeros(5, dtype=torch.uint8), [], np.zeros((0, 4), np.int64), 64) == []
+
 
 @pytest.mark.parametrize("twin", ["triton", "compiled"])
 @pytest.mark.parametrize("case", range(12))
