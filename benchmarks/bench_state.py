@@ -37,6 +37,9 @@ STEPS_BETWEEN, WARMUP, CHECKPOINTS = 1, 20, 5
 #: Settings of the whole-state chain: (id, codec options).
 SETTINGS = [
     ("default", {}),
+    ("log-moments", {"moments": "log"}),
+    ("scaled-p0", {"moment_precision": 0}),
+    ("scaled-sp2", {"scaled_precision": 2}),
     ("huffman", {"coder": "huffman"}),
     ("context", {"coder": "context"}),
     ("bits2", {"bits": 2}),
@@ -153,8 +156,10 @@ def test_whole_state(benchmark, run, setting):
 @pytest.mark.benchmark(group="state-coder")
 def test_whole_state_coder_overhead(benchmark, run):
     """Compress and decompress time of the default coder against Huffman only on one
-    whole-state delta, the two timed in alternation (ten rounds each) so that drift of a
-    shared machine falls on both; ``extra_info`` has the medians and their ratios. The
+    whole-state delta, timed in alternation (ten rounds each) so that drift of a shared
+    machine falls on all; ``extra_info`` has the medians and their ratios. ``huffman`` keeps
+    the default moments (``sq/1`` first moments); ``huffman_log`` is the Huffman path with
+    the moments as ``lq/1`` codes them (``moments="log"``, the default before ``sq/1``). The
     benchmark's own statistics time the default coder."""
     import statistics
     import time
@@ -164,10 +169,11 @@ def test_whole_state_coder_overhead(benchmark, run):
     x = states[-2]
     times: dict[str, list[float]] = {}
     data = {}
+    variants = {"huffman": {"coder": "huffman"}, "huffman_log": {"coder": "huffman", "moments": "log"}, "auto": {}}
     for _ in range(1 if benchmark.disabled else 10):  # the smoke pass only checks that it runs
-        for coder in ("huffman", "auto"):
+        for coder, options in variants.items():
             start = time.perf_counter()
-            data[coder] = lctriton.compress(x, base=base, coder=coder).to_bytes()
+            data[coder] = lctriton.compress(x, base=base, **options).to_bytes()
             times.setdefault(f"compress_{coder}", []).append(time.perf_counter() - start)
             start = time.perf_counter()
             lctriton.decompress(data[coder], base=base)
@@ -178,6 +184,8 @@ def test_whole_state_coder_overhead(benchmark, run):
     info["median_s"] = medians
     info["compress_ratio_to_huffman"] = medians["compress_auto"] / medians["compress_huffman"]
     info["decompress_ratio_to_huffman"] = medians["decompress_auto"] / medians["decompress_huffman"]
+    info["compress_ratio_to_huffman_log"] = medians["compress_auto"] / medians["compress_huffman_log"]
+    info["decompress_ratio_to_huffman_log"] = medians["decompress_auto"] / medians["decompress_huffman_log"]
     info["nbytes"] = {coder: len(d) for coder, d in data.items()}
     benchmark.pedantic(lctriton.compress, args=(x,), kwargs={"base": base}, rounds=3, iterations=1)
 

@@ -575,3 +575,59 @@ void lct_lc_reconstruct_f32(const uint8_t *sym, const uint32_t *reps, int64_t nr
     }
     lc_finish(sym, base, base_nan != 0, n, out);
 }
+
+/* sq/1 (reference.sq_symbols / sq_reconstruct) on float32 first moments: each element's level
+ * k = rint((x - base * scale) / sqrt(norm) * up) in units of sqrt(norm), in one pass. Writes
+ * k + 128 (0 at exceptions, as level 0), the exception flags and the reconstruction
+ * p + (k * down) * sqrt(norm) (the exact value at exceptions); returns the largest |k| and
+ * stores the exception count. Every operation is one IEEE single operation (ISO C, no
+ * contraction, no errno checks), so the bits are the reference's. */
+int64_t lct_sq_symbols_f32(const float *x, const float *base, float scale, const float *norm, float up,
+                           float down, int64_t n, uint8_t *levels, uint8_t *bad, float *out, int64_t *exceptions)
+{
+    /* 1.5 * 2**23: adding and subtracting it rounds |v| < 2**22 to an integer, ties to even. */
+    const float magic = 12582912.0f;
+    int64_t reach = 0, count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float p = base[i] * scale;
+        const float s = __builtin_sqrtf(norm[i]);
+        const float d = x[i] - p;
+        float q = 0.0f;
+        int ok = 1;
+        if (d != 0.0f) {
+            const float v = (d / s) * up;
+            ok = v >= -127.5f && v <= 127.5f; /* false for NaN */
+            if (ok) {
+                q = (v + magic) - magic;
+                ok = q >= -127.0f && q <= 127.0f;
+            }
+            if (!ok)
+                q = 0.0f;
+        }
+        const float r = p + (q * down) * s;
+        if (NONFINITE(float_bits(r))) {
+            ok = 0;
+            q = 0.0f;
+        }
+        const int k = (int)q;
+        levels[i] = (uint8_t)(k + 128);
+        bad[i] = (uint8_t)!ok;
+        out[i] = ok ? r : x[i];
+        count += !ok;
+        const int64_t a = k < 0 ? -k : k;
+        reach = a > reach ? a : reach;
+    }
+    *exceptions = count;
+    return reach;
+}
+
+void lct_sq_reconstruct_f32(const uint8_t *sym, int64_t reach, float down, const float *base, float scale,
+                            const float *norm, int64_t n, float *out)
+{
+    const int64_t top = 2 * reach;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t j = sym[i] > top ? top : sym[i];
+        const float rep = (float)(j - reach) * down;
+        out[i] = base[i] * scale + rep * __builtin_sqrtf(norm[i]);
+    }
+}

@@ -75,6 +75,8 @@ __all__ = [
     "lc_reconstruct",
     "lq_symbols",
     "lq_reconstruct",
+    "sq_symbols",
+    "sq_reconstruct",
     "context_histogram",
     "group_by_context",
     "ungroup_by_context",
@@ -86,7 +88,9 @@ logger = logging.getLogger(__name__)
 #: Environment variable naming the directory of compiled libraries.
 CACHE_ENV = "LCTRITON_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("rans_cpu.c")
-_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99")
+#: ISO C keeps every float operation one IEEE operation (no contraction into fused
+#: multiply-adds); without errno, a square root is one instruction.
+_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99", "-fno-math-errno")
 _COMPILE_TIMEOUT_S = 120
 #: Tables ``lct_context_histogram`` counts into (its LANES): element ``i`` in table ``i % 4``.
 HISTOGRAM_LANES = 4
@@ -174,6 +178,12 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_lq_symbols_f32.argtypes = [_PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
     lib.lct_lq_reconstruct_f32.restype = None
     lib.lct_lq_reconstruct_f32.argtypes = [_PTR, _PTR, _I64, _PTR, ctypes.c_float, _I64, _PTR]
+    lib.lct_sq_symbols_f32.restype = _I64
+    lib.lct_sq_symbols_f32.argtypes = [
+        _PTR, _PTR, ctypes.c_float, _PTR, ctypes.c_float, ctypes.c_float, _I64, _PTR, _PTR, _PTR, _PTR,
+    ]
+    lib.lct_sq_reconstruct_f32.restype = None
+    lib.lct_sq_reconstruct_f32.argtypes = [_PTR, _I64, ctypes.c_float, _PTR, ctypes.c_float, _PTR, _I64, _PTR]
     lib.lct_fingerprint_sums.restype = ctypes.c_int
     lib.lct_fingerprint_sums.argtypes = [_PTR, _I64, ctypes.c_int, _PTR]
     lib.lct_binade_contexts.restype = None
@@ -504,3 +514,41 @@ def lq_reconstruct(
     compiled for float32, the reference for other dtypes."""
     out = _reconstruct_pass("lct_lq_reconstruct_f32", symbols, representatives, base, dtype, float(np.float32(scale)))
     return reference.lq_reconstruct(symbols, representatives, base, scale, dtype) if out is None else out
+
+
+def sq_symbols(
+    x: torch.Tensor, base: torch.Tensor, scale: float, norm: torch.Tensor, precision: int
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Same arguments, result and errors as :func:`lctriton.kernels.reference.sq_symbols`, in
+    one compiled pass."""
+    reference._check_sq(x, base, norm)
+    xs, bs, ns = _flat_cpu(x), _flat_cpu(base), _flat_cpu(norm)
+    n = xs.numel()
+    levels = torch.empty(n, dtype=torch.uint8)
+    bad = torch.empty(n, dtype=torch.bool)
+    out = torch.empty(n, dtype=torch.float32)
+    exceptions = np.zeros(1, dtype=np.int64)
+    reach = int(_require().lct_sq_symbols_f32(
+        xs.data_ptr(), bs.data_ptr(), float(np.float32(scale)), ns.data_ptr(), 2.0**precision, 2.0**-precision, n,
+        levels.data_ptr(), bad.data_ptr(), out.data_ptr(), exceptions.ctypes.data,
+    ))
+    # Levels come as k + 128; symbols are k + reach (uint8 arithmetic wraps, and k >= -reach).
+    return levels.sub_(128 - reach), reach, out, bad
+
+
+def sq_reconstruct(
+    symbols: torch.Tensor, reach: int, precision: int, base: torch.Tensor, scale: float, norm: torch.Tensor
+) -> torch.Tensor:
+    """Same arguments and result as :func:`lctriton.kernels.reference.sq_reconstruct`, in one
+    compiled pass."""
+    sym = symbols.reshape(-1).to(device="cpu", dtype=torch.uint8).contiguous()
+    bs, ns = _flat_cpu(base), _flat_cpu(norm)
+    reference._check_sq(bs, bs, ns)
+    if bs.numel() != sym.numel():
+        raise ValueError(f"sq/1 needs {sym.numel()} base elements, got {bs.numel()}")
+    out = torch.empty(sym.numel(), dtype=torch.float32)
+    _require().lct_sq_reconstruct_f32(
+        sym.data_ptr(), reach, 2.0**-precision, bs.data_ptr(), float(np.float32(scale)), ns.data_ptr(), sym.numel(),
+        out.data_ptr(),
+    )
+    return out

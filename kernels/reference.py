@@ -1465,6 +1465,114 @@ def ungroup_by_context(contexts: torch.Tensor, grouped: torch.Tensor) -> torch.T
     return out
 
 
+# --------------------------------------------------------------------------- sq: scaled first moments
+#
+# "sq/1" codes an Adam first moment ``m`` (float32) in units of the step it causes: Adam moves a
+# weight by ``lr * m / sqrt(v)``, so an error in ``m`` matters relative to ``sqrt(v)``, not
+# relative to ``m`` (``lq/1``'s bins) nor absolutely (``lc/1``'s buckets). With ``b`` the base's
+# first moment, ``n`` the second moment of the same parameter as the same checkpoint restores
+# it, and the record's ``scale`` (the decay of ``b``) and ``precision`` ``P``, every
+# operation in float32, rounded to nearest even:
+#
+# 1. Prediction ``p = b * scale``; unit ``s = sqrt(n)``.
+# 2. Level ``k = rint(((x - p) / s) * 2**P)``, ties to even (an integer: never -0.0); ``k = 0``
+#    where ``x - p`` is zero (whatever ``s``: an element never stepped has ``m = v = 0``).
+# 3. An element is an exception (stored exactly, level 0) where ``k`` is not finite or
+#    ``|k| > SQ_REACH``, or its reconstruction is not finite.
+# 4. With ``K`` the largest ``|k|`` of the other elements, the symbol is ``k + K`` and symbol
+#    ``j``'s representative ``reps[j] = (j - K) * 2**-P`` (exact in float32); the
+#    reconstruction is ``p + reps[symbol] * s``. Its error is at most ``s * 2**-(P + 1)`` plus
+#    two roundings: the restored step ``m / sqrt(v)`` is within half a level of the saved one.
+#    Adam keeps ``|m| / sqrt(v)`` below about 7 (``beta1**2 < beta2``), so ``K`` stays small.
+#
+# Torch's float32 ``*``, ``/`` and ``round`` are correctly rounded on every device, so these
+# functions are the codec on the GPU as well and give the CPU's bits there; on CPU the compiled
+# twin in ``kernels/rans_cpu.c`` runs the same arithmetic as one pass. Torch's float32 ``sqrt``
+# is not (its vectorized CPU loop is off by an ulp for about one value in 150), so ``s`` is the
+# float64 square root rounded to float32, which is the correctly rounded float32 one.
+
+#: Largest level magnitude of ``sq/1``: symbols ``0 .. 2 * SQ_REACH`` fit a byte.
+SQ_REACH = 127
+
+
+def _f32_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A float32 scalar tensor (so that torch multiplies in float32, never in double)."""
+    return torch.tensor(np.float32(value), dtype=torch.float32, device=device)
+
+
+def _sq_unit(norm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``s = sqrt(norm)`` flat, correctly rounded to float32 (see the section's comment)."""
+    return torch.sqrt(norm.reshape(-1).to(device=device, dtype=torch.float64)).to(torch.float32)
+
+
+def _check_sq(x: torch.Tensor, base: torch.Tensor, norm: torch.Tensor) -> None:
+    for what, t in (("x", x), ("base", base), ("norm", norm)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"sq/1 codes float32 tensors: {what} is {getattr(t, 'dtype', type(t).__name__)}")
+    if base.numel() != x.numel() or norm.numel() != x.numel():
+        raise ValueError(
+            f"sq/1 needs base and norm of {x.numel()} elements, got {base.numel()} and {norm.numel()}"
+        )
+
+
+def sq_symbols(
+    x: torch.Tensor, base: torch.Tensor, scale: float, norm: torch.Tensor, precision: int
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Steps 1-4 of ``sq/1`` on the encoder's side.
+
+    Args:
+        x: float32 first moment.
+        base: float32 base first moment, as many elements.
+        scale: Factor of the base (a float32 value).
+        norm: float32 second moment as restored, as many elements.
+        precision: ``P``: ``2**P`` levels per unit.
+
+    Returns:
+        ``(symbols, reach, reconstruction, exceptional)``, flat and on ``x``'s device: uint8
+        symbols ``k + reach``, the reach ``K``, the float32 reconstruction (the exact value at
+        exceptions) and a bool mask of the exceptions.
+
+    Raises:
+        TypeError: If a tensor is not float32.
+        ValueError: If the sizes differ.
+    """
+    _check_sq(x, base, norm)
+    dev = x.device
+    xf = x.reshape(-1)
+    p = base.reshape(-1).to(dev) * _f32_scalar(scale, dev)
+    s = _sq_unit(norm, dev)
+    d = xf - p
+    # "+ 0.0" makes a level of -0.0 (rounded from a small negative value) +0.0: a level is an
+    # integer, and p + (-0.0 * s) and p + (+0.0 * s) differ where p is -0.0.
+    q = torch.round((d / s) * _f32_scalar(2.0**precision, dev)) + 0.0
+    q = torch.where(d == 0, torch.zeros_like(q), q)
+    bad = ~torch.isfinite(q) | (q.abs() > SQ_REACH)
+    q = torch.where(bad, torch.zeros_like(q), q)
+    recon = p + (q * _f32_scalar(2.0**-precision, dev)) * s
+    bad |= ~torch.isfinite(recon)
+    q = torch.where(bad, torch.zeros_like(q), q)
+    reach = int(q.abs().max()) if q.numel() else 0
+    recon = torch.where(bad, xf, recon)
+    return (q + reach).to(torch.uint8), reach, recon, bad
+
+
+def sq_representatives(reach: int, precision: int) -> np.ndarray:
+    """float32 ``reps[j] = (j - reach) * 2**-precision`` for ``j`` in ``0 .. 2 * reach``."""
+    return (np.arange(2 * reach + 1, dtype=np.float64) - reach).astype(np.float32) * np.float32(2.0**-precision)
+
+
+def sq_reconstruct(
+    symbols: torch.Tensor, reach: int, precision: int, base: torch.Tensor, scale: float, norm: torch.Tensor
+) -> torch.Tensor:
+    """The decoder's side of ``sq/1``: ``p + reps[symbol] * s``, flat float32 on ``base``'s
+    device (exceptions not applied; a symbol past ``2 * reach`` counts as ``2 * reach``)."""
+    dev = base.device
+    reps = torch.from_numpy(sq_representatives(reach, precision)).to(dev)
+    sym = symbols.reshape(-1).to(device=dev, dtype=torch.int64).clamp(0, 2 * reach)
+    p = base.reshape(-1) * _f32_scalar(scale, dev)
+    return p + reps[sym] * _sq_unit(norm, dev)
+
+
 # --------------------------------------------------------------------------- aq: activations
 #
 # Group quantization of saved activations (``lctriton.activations``). Unlike the codecs above

@@ -31,6 +31,8 @@ __all__ = [
     "lc_reconstruct",
     "lq_symbols",
     "lq_reconstruct",
+    "sq_symbols",
+    "sq_reconstruct",
     "rans_encode",
     "rans_encode_streams",
     "rans_decode",
@@ -149,6 +151,23 @@ def lq_reconstruct(symbols, representatives, base, scale, dtype):
     """lq/1 decode on the backend of ``symbols``' device (see ``reference.lq_reconstruct``); on
     CPU, compiled for float32 where it builds."""
     return _cpu_compiled(symbols.device).lq_reconstruct(symbols, representatives, base, scale, dtype)
+
+
+def _sq_module(device: torch.device | str) -> ModuleType:
+    """sq/1's backend: the compiled pass on CPU where it builds, else the reference, whose
+    torch operations run on any device with the same bits."""
+    return _cpu_rans() if torch.device(device).type == "cpu" else reference
+
+
+def sq_symbols(x, base, scale, norm, precision):
+    """sq/1's encoder pass (see ``reference.sq_symbols``); on CPU, compiled where it builds."""
+    return _sq_module(x.device).sq_symbols(x, base, scale, norm, precision)
+
+
+def sq_reconstruct(symbols, reach, precision, base, scale, norm):
+    """sq/1's decoder pass on ``base``'s device (see ``reference.sq_reconstruct``); on CPU,
+    compiled where it builds."""
+    return _sq_module(base.device).sq_reconstruct(symbols, reach, precision, base, scale, norm)
 
 
 def rans_encode(symbols: torch.Tensor, freqs: torch.Tensor, chunk_symbols: int):

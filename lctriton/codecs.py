@@ -1,6 +1,6 @@
 """Tensor codecs: what each tensor record in a container says, and how it is coded.
 
-Six codecs exist (``docs/format.md`` has every field):
+Eight codecs exist (``docs/format.md`` has every field):
 
 ``raw/1``
     The tensor's bytes as they are in memory (C order, little-endian). Used for tiny exact
@@ -48,6 +48,15 @@ Six codecs exist (``docs/format.md`` has every field):
     the base's binade predicts the value's bin. The record adds the binade the contexts are
     centred on and one rANS table per context.
 
+``sq/1``
+    Adam first moments in units of the step they cause (``reference.sq_levels``): each value
+    ``m`` becomes the level ``rint((m - scale * b) / sqrt(v) * 2**precision)``, where ``b`` is
+    the base's first moment and ``v`` the second moment of the same parameter as the same
+    file restores it. Adam moves a weight by ``lr * m / sqrt(v)``, so the restored step of
+    every element is within half a level of the saved one, however small its gradients;
+    ``lq/1``'s relative bins spend as many bits on elements whose step is negligible. Levels
+    are rANS-coded as in ``lc/2``; the record names the second moment, decoded first.
+
 Planning the buckets and the Huffman code uses the histogram of pass 1 only: the data never
 comes back to the host between the passes.
 """
@@ -75,9 +84,11 @@ __all__ = [
     "LC3",
     "LQ",
     "LQ2",
+    "SQ",
     "BP",
     "plan_log_buckets",
     "encode_lq",
+    "encode_sq",
     "encode_bp",
     "DTYPES",
     "BucketPlan",
@@ -100,15 +111,16 @@ LQ = "lq/1"
 BP = "bp/1"
 LC3 = "lc/3"
 LQ2 = "lq/2"
+SQ = "sq/1"
 #: Codecs whose symbols are one rANS stream.
-RANS_CODECS = (LC2, LQ)
+RANS_CODECS = (LC2, LQ, SQ)
 #: Codecs whose symbols are grouped by a context read from the base, one rANS stream each.
 CONTEXT_CODECS = (LC3, LQ2)
-ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ, LQ2)
+ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ, LQ2, SQ)
 #: Codecs that code a floating tensor lossily.
-LOSSY_CODECS = (LC, LC2, LC3, LQ, LQ2)
+LOSSY_CODECS = (LC, LC2, LC3, LQ, LQ2, SQ)
 #: Codecs whose records name a base.
-DELTA_CODECS = (LC, LC2, LC3, LQ, LQ2, BP)
+DELTA_CODECS = (LC, LC2, LC3, LQ, LQ2, SQ, BP)
 #: Mantissa bits of an lq/1 bin: 2**precision bins per octave.
 MAX_LOG_PRECISION = 4
 #: With ``coder="auto"``, rANS is used where it saves at least this fraction of the Huffman
@@ -801,6 +813,71 @@ def encode_lq(
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
 
 
+def encode_sq(
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    norm: tuple[str, torch.Tensor],
+    scale: float,
+    precision: int,
+    chunk_symbols: int,
+    fingerprint: Callable[[torch.Tensor], str] = base_fingerprint,
+) -> EncodedTensor:
+    """Code a float32 first moment with ``sq/1``: levels of ``2**-precision`` units of the
+    square root of its second moment, rANS-coded.
+
+    Args:
+        tensor: The first moment (float32).
+        base: Its base (the previous reconstruction), same shape and dtype.
+        norm: ``(name, tensor)``: the second moment of the same parameter in the same state,
+            as the decoder will restore it (its reconstruction), and its dotted name.
+        scale: The prediction's factor: Adam's decay of the first moment over the steps
+            between the checkpoints, exact for elements whose parameter had no gradient.
+            (A least-squares factor saves a few percent of the stream on the benchmark
+            states and costs more CPU time than the rest of the pass.)
+        precision: Levels per unit: ``2**precision``.
+        chunk_symbols: Symbols per rANS chunk.
+        fingerprint: Fingerprints the base for the record.
+
+    Returns:
+        The encoded tensor with its reconstruction.
+
+    Raises:
+        TypeError: If a tensor is not float32.
+        ValueError: If the sizes differ.
+    """
+    norm_name, norm_tensor = norm
+    x = tensor.detach().contiguous()
+    dev = x.device
+    b = base.detach().to(dev).contiguous()
+    n = norm_tensor.detach().to(dev).contiguous()
+    scale = _valid_scale(scale, 1.0)
+    symbols, reach, recon, exceptional = backend.sq_symbols(x, b, scale, n, precision)
+    exc_index = torch.nonzero(exceptional).reshape(-1)
+    exc_values = x.reshape(-1)[exc_index.to(dev)]
+    counts = torch.bincount(symbols, minlength=2 * reach + 1).cpu().numpy()
+    freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
+    del symbols
+    record = {
+        "codec": SQ,
+        "dtype": DTYPE_NAMES[x.dtype],
+        "shape": list(x.shape),
+        "precision": precision,
+        "scale": int(np.float32(scale).view(np.uint32)),
+        "reach": reach,
+        "norm": norm_name,
+        "chunk": chunk_symbols,
+        "freqs": freqs.tolist(),
+        "fill": fill,
+        "words": int(words.numel()),
+        "exceptions": int(exc_index.numel()),
+        "bound": math.ldexp(1.0, -precision - 1),
+        "base": fingerprint(b),
+    }
+    parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
+    parts += [exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
+    return EncodedTensor(record, parts, recon.view(x.shape), ready)
+
+
 #: A byte plane is rANS-coded only where that saves at least this fraction of its bytes.
 PLANE_MIN_SAVING = 0.02
 
@@ -969,6 +1046,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
         _base_field(record, name)
     if codec in (LC2, LQ):
         _validate_rans_record(record, name, codec, dtype_name, numel)
+    elif codec == SQ:
+        _validate_sq_record(record, name, numel)
     elif codec in CONTEXT_CODECS:
         _validate_context_record(record, name, codec, dtype_name, numel)
     elif codec == BP:
@@ -1051,6 +1130,37 @@ def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, 
     _int(record, "exceptions", name, 0, numel)
     _bound_field(record, name, nullable=True)
     _base_field(record, name)
+
+
+def _float32_field(record: dict, field: str, name: str) -> float:
+    """A field holding the bits of a positive finite float32 value; returns the value."""
+    value = float(np.uint32(_int(record, field, name, 0, (1 << 32) - 1)).view(np.float32))
+    if not 0.0 < value < math.inf:
+        raise _fail(name, f"{field!r} must be a positive finite float32, got {value!r}")
+    return value
+
+
+def _validate_sq_record(record: dict, name: str, numel: int) -> None:
+    if record["dtype"] != "float32":
+        raise _fail(name, f"codec {SQ} cannot hold dtype {record['dtype']}")
+    _chunk(record, name)
+    _int(record, "precision", name, 0, MAX_LOG_PRECISION)
+    _float32_field(record, "scale", name)
+    reach = _int(record, "reach", name, 0, reference.SQ_REACH)
+    if not isinstance(record.get("norm"), str) or record["norm"] == name:
+        raise _fail(name, "'norm' must name another tensor of the state (its second moment)")
+    if "fill" not in record:
+        raise _fail(name, "field 'fill' is missing")
+    fill = record["fill"]
+    _rans_table(record, "freqs", name, 2 * reach + 1, fill, numel)
+    if fill is not None and _int(record, "words", name):
+        raise _fail(name, "a fill must not have a stream")
+    _int(record, "words", name)
+    _int(record, "exceptions", name, 0, numel)
+    _bound_field(record, name, nullable=False)
+    _base_field(record, name)
+    if record["base"] is None:
+        raise _fail(name, f"codec {SQ} codes a delta: 'base' must name one")
 
 
 def _validate_context_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:

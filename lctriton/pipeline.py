@@ -25,8 +25,9 @@ import fnmatch
 import functools
 import logging
 import os
+import queue
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -238,6 +239,10 @@ def _is_exact(name: str, tensor: torch.Tensor, options: CodecOptions) -> bool:
 def _is_moment(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in MOMENT_PATTERNS)
 
+
+#: ``sq/1`` codes ``<parameter>.exp_avg`` in units of ``<parameter>.exp_avg_sq``.
+_FIRST_MOMENT_SUFFIX = ".exp_avg"
+_SECOND_MOMENT_SUFFIX = "_sq"
 
 #: Per moment name: which Adam-style beta decays it when its gradient is zero.
 _DECAY_BETA = {"exp_avg": 0, "exp_avg_sq": 1}
@@ -463,6 +468,31 @@ def encode_states(
             return pair
         return None
 
+    positions = [{name: i for i, (name, _) in enumerate(flat.tensors)} for flat in flats]
+
+    def norm_job(job: tuple[int, int]) -> tuple[int, int] | None:
+        """For a first moment that sq/1 codes, the job of its second moment (Adam's
+        ``exp_avg_sq`` beside it in the same state), whose reconstruction it is coded against;
+        None for every other tensor. A first moment without a float32 second moment beside it
+        (SGD's momentum, other dtypes) or without a base is coded as ``"log"`` says."""
+        k, i = job
+        name, tensor = flats[k].tensors[i]
+        if not (_is_moment(name) and options.moment_mode(name) == "scaled" and name.endswith(_FIRST_MOMENT_SUFFIX)):
+            return None
+        b = bases[k].get(name)
+        if tensor.dtype != torch.float32 or b is None or b.shape != tensor.shape or b.dtype != tensor.dtype:
+            return None
+        j = positions[k].get(name + _SECOND_MOMENT_SUFFIX)
+        if j is None or _is_exact(name, tensor, options):
+            return None
+        norm = flats[k].tensors[j][1]
+        return (k, j) if norm.dtype == torch.float32 and norm.numel() == tensor.numel() else None
+
+    norms = {job: found for job in jobs if (found := norm_job(job)) is not None}
+    # Second moments' reconstructions, kept for the first moments coded against them.
+    norm_values: dict[tuple[int, int], torch.Tensor] = {}
+    wanted = set(norms.values())
+
     def encode_one(job: tuple[int, int]) -> codecs.EncodedTensor:
         k, i = job
         name, tensor = flats[k].tensors[i]
@@ -477,9 +507,17 @@ def encode_states(
             exact = True
         if exact:
             encoded = _encode_exact(tensor, b, options, fingerprint)
+            if job in wanted:
+                norm_values[job] = tensor.detach()
             encoded.reconstruction = tensor.detach().clone() if reconstruct else None
             return encoded
-        if moment:
+        if job in norms:
+            norm = flats[k].tensors[norms[job][1]][0], norm_values.pop(norms[job])
+            encoded = codecs.encode_sq(
+                tensor, b, norm, decays[k].get(name, 1.0), options.scaled_precision, options.chunk_symbols,
+                fingerprint,
+            )
+        elif moment:
             encoded = codecs.encode_lq(
                 tensor, b, decays[k].get(name, 1.0), options.moment_precision, options.chunk_symbols,
                 predict_only=mode == "predict" and b is not None,
@@ -491,6 +529,8 @@ def encode_states(
             encoded = codecs.encode_lc(
                 tensor, b, options.bits, options.chunk_symbols, options.coder, context, fingerprint
             )
+        if job in wanted:
+            norm_values[job] = encoded.reconstruction.reshape(tensor.shape)
         encoded.reconstruction = encoded.reconstruction.to(tensor.device) if reconstruct else None
         return encoded
 
@@ -501,13 +541,43 @@ def encode_states(
     on_cpu = all(t.device.type == "cpu" for flat in flats for _, t in flat.tensors)
     threads = min(cpu_threads(), len(jobs)) if on_cpu and backend.threads_allowed("cpu") else 1
     results: dict[tuple[int, int], codecs.EncodedTensor] = {}
-    with ThreadPoolExecutor(threads) if threads > 1 else _Inline() as pool:
-        for job, encoded in zip(order, pool.map(encode_one, order), strict=True):
-            results[job] = encoded
-            tensor = flats[job[0]].tensors[job[1]][1]
-            done += tensor.numel() * tensor.element_size()
-            if progress is not None:
-                progress(done, total)
+
+    def finished(job: tuple[int, int], encoded: codecs.EncodedTensor) -> None:
+        nonlocal done
+        results[job] = encoded
+        tensor = flats[job[0]].tensors[job[1]][1]
+        done += tensor.numel() * tensor.element_size()
+        if progress is not None:
+            progress(done, total)
+
+    # An sq/1 first moment needs its second moment's reconstruction: it is coded once that is.
+    dependents: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for job in order:
+        if job in norms:
+            dependents.setdefault(norms[job], []).append(job)
+    if threads > 1:
+        outcomes: queue.SimpleQueue = queue.SimpleQueue()
+        with ThreadPoolExecutor(threads) as pool:
+
+            def submit(job: tuple[int, int]) -> None:
+                pool.submit(encode_one, job).add_done_callback(functools.partial(settled, job))
+
+            def settled(job: tuple[int, int], future: Future) -> None:
+                if future.exception() is None:
+                    for first in dependents.get(job, ()):
+                        submit(first)
+                outcomes.put((job, future))
+
+            for job in order:
+                if job not in norms:
+                    submit(job)
+            # A failed job is raised here at once; the first moments that needed it never run.
+            for _ in jobs:
+                job, future = outcomes.get()
+                finished(job, future.result())
+    else:
+        for job in [job for job in order if job not in norms] + [job for job in order if job in norms]:
+            finished(job, encode_one(job))
     out = []
     for k, flat in enumerate(flats):
         records, sections, recon_tensors, pending = [], [], [], []
@@ -724,8 +794,9 @@ def _apply_exceptions(out: torch.Tensor, exc_index: np.ndarray, exc_values: np.n
         out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
 
 
-def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values):
-    """What turns an lc/2 or lq/1 record's symbols into its tensor."""
+def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, norm=None):
+    """What turns an lc/2, lq/1 or sq/1 record's symbols into its tensor (``norm``: for sq/1,
+    returns its second moment, decoded before it)."""
 
     def finish(symbols: list[torch.Tensor]) -> torch.Tensor:
         device = torch.device(dev)
@@ -734,7 +805,10 @@ def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values):
         else:
             sym = torch.full((numel,), rec["fill"], dtype=torch.uint8, device=device)
         flat_base = None if b is None else b.reshape(-1)
-        if rec["codec"] == codecs.LQ:
+        if rec["codec"] == codecs.SQ:
+            scale = float(np.uint32(rec["scale"]).view(np.float32))
+            out = backend.sq_reconstruct(sym, rec["reach"], rec["precision"], flat_base.to(device), scale, norm())
+        elif rec["codec"] == codecs.LQ:
             scale = float(np.uint32(rec["scale"]).view(np.float32))
             out = backend.lq_reconstruct(sym, reps.to(device), flat_base, scale, dtype)
         else:
@@ -798,6 +872,22 @@ def _context_moments(
             raise FormatError(f"tensor {name!r}: its context {ref['name']!r} is not a floating tensor of {numel} elements")
         moments.append(t.to(dev))
     return moments
+
+
+def _norm_index(
+    rec: dict, name: str, numel: int, records: list[dict], shapes: list[tuple], positions: dict[str, int]
+) -> int:
+    """The index of the record an sq/1 record names as its second moment: another float32
+    tensor of as many elements, itself not sq/1 (so that every norm is decoded first)."""
+    j = positions.get(rec["norm"])
+    if j is None:
+        raise FormatError(f"tensor {name!r} is coded against tensor {rec['norm']!r}, which the file lacks")
+    dtype, _, count = shapes[j]
+    if dtype != torch.float32 or count != numel or records[j]["codec"] == codecs.SQ:
+        raise FormatError(
+            f"tensor {name!r}: its norm {rec['norm']!r} is not a float32 tensor of {numel} elements coded before it"
+        )
+    return j
 
 
 def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values):
@@ -970,6 +1060,7 @@ def decode_state(
     index = container.index
     shapes = validate_index(index)
     records = index["tensors"]
+    positions = {rec["name"]: i for i, rec in enumerate(records)}
     base_tensors = flatten_tensors(base) if base is not None else {}
     # A base moment is checked twice: as its own record's base and as a context of its
     # parameter's lc/3 record.
@@ -1028,7 +1119,11 @@ def decode_state(
             raise FormatError(f"tensor {name!r}: exception index out of range")
         if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
             raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
-        reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
+        norm = reps = None
+        if rec["codec"] == codecs.SQ:
+            norm = _norm_index(rec, name, numel, records, shapes, positions)
+        else:
+            reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
         if rec["codec"] in codecs.CONTEXT_CODECS:
             contexts = _context_of(rec, name, numel, base_tensors, b, dev, fingerprint, computed_contexts.get(i))
             streams = []
@@ -1047,7 +1142,11 @@ def decode_state(
             if rec["fill"] is not None and cw.any():
                 raise FormatError(f"tensor {name!r}: a fill must not have a stream")
             streams = [] if rec["fill"] is not None else [add_stream(rec, cw, words, numel, rec["freqs"], dev)]
-            finishers.append((i, streams, _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values)))
+            if norm is not None:  # the decoded tensor, read when sq/1 records finish (last)
+                norm = functools.partial(tensors.__getitem__, norm)
+            finishers.append(
+                (i, streams, _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, norm))
+            )
             continue
         chunk_bits = _part(view, layout, name, "chunk_bits", np.dtype(np.uint32)).astype(np.int64)
         stream = _part(view, layout, name, "stream", np.dtype(np.int64))
@@ -1104,7 +1203,8 @@ def decode_state(
                     finished(i, out)
     if finishers:
         symbols = _decode_rans(rans_items, records, finishers)
-        for i, streams, finish in finishers:
+        # sq/1 records last: each reads the second moment another record decodes.
+        for i, streams, finish in sorted(finishers, key=lambda f: records[f[0]]["codec"] == codecs.SQ):
             finished(i, finish([symbols[k] for k in streams]))
     for i, rec in enumerate(records):
         t = tensors[i]

@@ -454,7 +454,7 @@ def test_bad_new_options_are_rejected():
         lctriton.compress({"w": torch.ones(3)}, moments="drop")
     with pytest.raises(ValueError, match="moment_precision"):
         lctriton.compress({"w": torch.ones(3)}, moment_precision=9)
-    with pytest.raises(ValueError, match="first_moment must be None or one of log, predict, lossy, exact"):
+    with pytest.raises(ValueError, match="first_moment must be None or one of log, scaled, predict, lossy, exact"):
         lctriton.compress({"w": torch.ones(3)}, first_moment="zero")
     with pytest.raises(TypeError, match="code_exact"):
         lctriton.compress({"w": torch.ones(3)}, code_exact="yes")
@@ -504,7 +504,7 @@ def test_log_moments_keep_second_moment_wherever_first_is_nonzero():
         state = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
         return c, state["exp_avg"], state["exp_avg_sq"]
 
-    c, m, v = moments()
+    c, m, v = moments(moments="log")
     codec_of = {r["name"]: r["codec"] for r in c.index["tensors"]}
     assert codec_of[f"{name}.exp_avg"] == codec_of[f"{name}.exp_avg_sq"] == codecs.LQ
     assert not bool(((v == 0) & (m != 0)).any())

@@ -397,10 +397,14 @@ def binade_states():
 
 def test_binade_coding_is_chosen_where_it_pays(binade_states):
     state, base = binade_states
-    used = _moment_codecs(lctriton.compress(state, base=base, coder="context"))
+    used = _moment_codecs(lctriton.compress(state, base=base, coder="context", moments="log"))
     assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.LQ}
     # The default coder keeps lq/1 (on CPU the grouping costs more time than it saves bytes).
-    assert set(_moment_codecs(lctriton.compress(state, base=base)).values()) == {codecs.LQ}
+    assert set(_moment_codecs(lctriton.compress(state, base=base, moments="log")).values()) == {codecs.LQ}
+    # By default the first moment is sq/1 (its second moment is beside it); the second
+    # moment is still lq/2 where that pays.
+    used = _moment_codecs(lctriton.compress(state, base=base, coder="context"))
+    assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.SQ}
 
 
 def test_binade_coding_changes_no_value_and_decodes_bit_exactly(binade_states):

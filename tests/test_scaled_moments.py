@@ -1,0 +1,352 @@
+"""sq/1: Adam first moments coded in units of the step they cause (``first_moment="scaled"``).
+
+The reference functions are the codec on every device (float32 ``*``, ``/``, ``sqrt`` and
+``round`` are correctly rounded everywhere); these tests pin their arithmetic, the bound the
+codec promises on the restored Adam step, the fallbacks, and the reader's checks of the record.
+"""
+
+import copy
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from lctriton.kernels import rans_cpu, reference
+
+import lctriton
+from lctriton import codecs
+from lctriton.errors import FormatError
+from lctriton.testing import assert_bit_exact
+
+
+def with_index(data: bytes, index: dict) -> bytes:
+    """``data`` with its JSON index replaced (sections kept, checksums and footer valid)."""
+    index_offset = struct.unpack("<Q", data[-32:-24])[0]
+    blob = json.dumps(index, separators=(",", ":")).encode()
+    body = struct.pack("<QQI", index_offset, len(blob), zlib.crc32(blob))
+    return data[:index_offset] + blob + body + struct.pack("<I8s", zlib.crc32(body), b"LCTEND\r\n")
+
+
+def _adam_states(steps_between=4, seed=0, momentum_sgd=False):
+    """Two optimizer states of a small embedding model, ``steps_between`` steps apart. Most
+    embedding rows are never looked up (both moments stay exactly zero) and rows 200..399
+    get their first gradients between the two states."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(3000, 16), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    if momentum_sgd:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    target = torch.randn(32, 4, generator=g)
+
+    def step(low, high):
+        ids = torch.randint(low, high, (32, 4), generator=g)
+        loss = (model(ids) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(6):
+        step(0, 200)
+    first = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    for _ in range(steps_between):
+        step(0, 400)
+    second = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    return first, second
+
+
+def _records(c):
+    return {r["name"]: r for r in c.index["tensors"]}
+
+
+# --------------------------------------------------------------------------- the arithmetic
+
+
+#: The compiled CPU pass (where a C compiler is present) and the reference: the same bytes.
+SQ_TWINS = [reference] + ([rans_cpu] if rans_cpu.available() else [])
+
+
+def _spec_case():
+    """Values that reach every branch of the specification: predictions, 0/0, d/0, inf, NaN,
+    a level past the reach, ties, a negative zero prediction and an overflowing one."""
+    x = torch.tensor([0.5, -0.25, 3.0, 0.0, 1e-3, 2.0, float("inf"), 1.0, 5.0, 0.75, -1e-9, 3e38, 0.25, 0.75],
+                     dtype=torch.float32)
+    b = torch.tensor([0.25, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, float("nan"), 0.0, 1.0, -0.0, 0.0, 0.0, 0.0],
+                     dtype=torch.float32)
+    n = torch.tensor([1.0, 0.25, 4.0, 0.0, 0.0, 1e-12, 1.0, 1.0, 1.0, 0.0, 1.0, 3e38, 1.0, 1.0],
+                     dtype=torch.float32)
+    return x, b, n
+
+
+@pytest.mark.parametrize("twin", SQ_TWINS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_symbols_follow_the_specification(twin):
+    """Levels, exceptions and reconstruction as reference.py's sq/1 section states them,
+    element by element against numpy float32 arithmetic, for the reference and its twin."""
+    f32 = np.float32
+    x, b, n = _spec_case()
+    scale, precision = 0.5, 1
+    symbols, reach, recon, exceptional = twin.sq_symbols(x, b, scale, n, precision)
+    levels, bad = [], []
+    for xi, bi, ni in zip(x.numpy(), b.numpy(), n.numpy(), strict=True):
+        with np.errstate(all="ignore"):
+            p = f32(bi) * f32(scale)
+            s = np.sqrt(f32(ni))
+            d = f32(xi) - p
+            q = f32(0.0) if d == 0 else np.rint(f32(d / s) * f32(2.0**precision))
+            wrong = not np.isfinite(q) or abs(q) > reference.SQ_REACH
+            q = f32(0.0) if wrong else q
+            wrong = wrong or not np.isfinite(p + f32(q * f32(2.0**-precision)) * s)
+        levels.append(0 if wrong else int(q))
+        bad.append(wrong)
+    assert exceptional.tolist() == bad
+    assert reach == max(abs(k) for k in levels)
+    assert (symbols.to(torch.int64) - reach).tolist() == levels
+    # 0/0 (never stepped) is level 0, not an exception; d/0, inf, NaN, a level of 2e6 and an
+    # overflowing reconstruction are exceptions; 5.0 at two levels per unit is level 10.
+    assert levels[3] == 0 and not bad[3]
+    assert all(bad[i] for i in (4, 5, 6, 7, 9, 11)) and levels[8] == 10
+    for i in range(len(x)):
+        if bad[i]:
+            assert recon[i].numpy().tobytes() == x[i].numpy().tobytes(), i  # the exact value
+            continue
+        p = f32(b[i].item()) * f32(scale)
+        want = p + f32(f32(levels[i]) * f32(2.0**-precision)) * np.sqrt(f32(n[i].item()))
+        assert recon[i].numpy().tobytes() == f32(want).tobytes(), i
+    assert recon[10].numpy().tobytes() == f32(0.0).tobytes()  # -0.0 prediction, level 0: +0.0
+    # The decoder's side gives the same bits wherever the element is not an exception.
+    decoded = twin.sq_reconstruct(symbols, reach, precision, b, scale, n)
+    ok = ~exceptional
+    assert decoded[ok].numpy().tobytes() == recon[ok].numpy().tobytes()
+    reps = reference.sq_representatives(reach, precision)
+    assert reps.dtype == np.float32 and reps.tolist() == [(j - reach) / 2 for j in range(2 * reach + 1)]
+
+
+@pytest.mark.parametrize("precision", [0, 2, 4])
+def test_compiled_pass_matches_the_reference_on_a_million_moments(precision):
+    if not rans_cpu.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(precision)
+    n = 1_000_000
+    v = torch.exp(torch.randn(n, generator=g) * 3 - 18)
+    v[torch.rand(n, generator=g) < 0.1] = 0
+    m = torch.randn(n, generator=g) * v.sqrt() * 2
+    m[v == 0] = 0
+    m[torch.rand(n, generator=g) < 0.001] = torch.randn(1000, generator=g)[:1].item()  # out of reach
+    base = m * 0.5 + torch.randn(n, generator=g) * 1e-6
+    base[::97] = -0.0
+    ours = rans_cpu.sq_symbols(m, base, 0.3, v, precision)
+    want = reference.sq_symbols(m, base, 0.3, v, precision)
+    assert ours[1] == want[1]
+    for a, b in ((ours[0], want[0]), (ours[2], want[2]), (ours[3], want[3])):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+    back = rans_cpu.sq_reconstruct(want[0], want[1], precision, base, 0.3, v)
+    assert back.numpy().tobytes() == reference.sq_reconstruct(want[0], want[1], precision, base, 0.3, v).numpy().tobytes()
+
+
+def test_ties_round_to_even_and_reach_is_inclusive():
+    n = torch.ones(6, dtype=torch.float32)
+    x = torch.tensor([0.25, 0.75, -0.25, 63.5, 63.75, -63.5], dtype=torch.float32)
+    for twin in SQ_TWINS:
+        symbols, reach, _, bad = twin.sq_symbols(x, torch.zeros(6), 1.0, n, 1)
+        levels = (symbols.to(torch.int64) - reach).tolist()
+        assert levels[:3] == [0, 2, 0]  # 0.5 -> 0, 1.5 -> 2, -0.5 -> 0
+        assert levels[3] == 127 and not bad[3] and levels[5] == -127  # |k| = SQ_REACH is kept
+        assert bad[4] and levels[4] == 0  # 127.5 rounds to 128: an exception
+
+
+def test_reference_rejects_other_dtypes_and_sizes():
+    x = torch.zeros(8)
+    for twin in SQ_TWINS:
+        with pytest.raises(TypeError, match="float32 tensors: norm is torch.float16"):
+            twin.sq_symbols(x, x, 1.0, x.half(), 1)
+        with pytest.raises(ValueError, match="base and norm of 8 elements, got 8 and 7"):
+            twin.sq_symbols(x, x, 1.0, torch.zeros(7), 1)
+
+
+# --------------------------------------------------------------------------- the codec
+
+
+@pytest.mark.parametrize("precision", [0, 1, 3])
+def test_restored_step_is_within_half_a_level(precision):
+    """The promise of sq/1: ``|m' - m| <= 2**-(P+1) * sqrt(v')`` for every element, with ``v'``
+    the second moment the same file restores, and elements never stepped stay exactly 0."""
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c, recon = lctriton.compress(second, base=base, first_moment="scaled", scaled_precision=precision,
+                                 return_reconstruction=True)
+    rec = _records(c)["optimizer.state.0.exp_avg"]
+    assert rec["codec"] == codecs.SQ and rec["norm"] == "optimizer.state.0.exp_avg_sq"
+    assert rec["precision"] == precision and rec["bound"] == 2.0 ** -(precision + 1)
+    assert rec["exceptions"] == 0 and rec["reach"] <= 8 << precision  # Adam keeps |m| / sqrt(v) small
+    assert _records(c)["optimizer.state.0.exp_avg_sq"]["codec"] == codecs.LQ
+    restored = lctriton.decompress(c, base=base)["optimizer"]["state"][0]
+    assert_bit_exact(restored["exp_avg"], recon["optimizer"]["state"][0]["exp_avg"])
+    m, m_restored, v_restored = second["optimizer"]["state"][0]["exp_avg"], restored["exp_avg"], restored["exp_avg_sq"]
+    error = (m_restored - m).abs()
+    bound = 2.0 ** -(precision + 1) * v_restored.sqrt()
+    assert bool((error <= bound * (1 + 2**-20) + 1e-30).all())
+    never = second["optimizer"]["state"][0]["exp_avg_sq"] == 0
+    assert never.sum() > 1000 and bool((m_restored[never] == 0).all())
+
+
+def test_scaled_precision_trades_bytes_for_error():
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    sizes = []
+    for precision in (0, 1, 2, 3):
+        c = lctriton.compress(second, base=base, first_moment="scaled", scaled_precision=precision)
+        sizes.append(next(r["stored_nbytes"] for r in lctriton.inspect(c)["tensors"]
+                          if r["name"] == "optimizer.state.0.exp_avg"))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_scaled_moments_survive_a_chain_and_the_manager(tmp_path):
+    """Deltas of deltas: each sq/1 record reads the second moment of its own file and the
+    first moment of its base; a fresh manager decodes the chain to what the saving manager
+    coded, and every first moment of the head is within half a level of the live one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(256, 64), torch.randn(256, 4)
+    with lctriton.CheckpointManager(tmp_path, first_moment="scaled", moment_precision=0) as manager:
+        for step in range(1, 16):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            if step % 3 == 0:
+                manager.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    with lctriton.CheckpointManager(tmp_path) as fresh:
+        restored = fresh.restore()
+    assert restored.step == 15
+    files = sorted(tmp_path.rglob("*.lct"))
+    assert len(files) == 5
+    last = {r["name"]: r["codec"] for r in lctriton.inspect(str(files[-1]))["tensors"]}
+    assert last["optimizer.state.0.exp_avg"] == codecs.SQ  # the 64x64 weight's first moment
+    live = opt.state_dict()["state"]
+    for pid, moments in restored.state["optimizer"]["state"].items():
+        bound = 2.0**-2 * moments["exp_avg_sq"].sqrt() * (1 + 2**-20) + 1e-30
+        assert bool(((moments["exp_avg"] - live[pid]["exp_avg"]).abs() <= bound).all()), pid
+
+
+@pytest.mark.parametrize(
+    "case", ["sgd_momentum", "float16_moments", "key_without_base", "exact_pattern"]
+)
+def test_scaled_falls_back_where_it_cannot_apply(case):
+    """No second moment beside the first (SGD), another dtype, no base: the first moment is
+    coded as ``moments`` says (``lq/1``); an exact pattern keeps it exact."""
+    first, second = _adam_states(momentum_sgd=case == "sgd_momentum")
+    options = {"first_moment": "scaled"}
+    if case == "float16_moments":
+        for state in (first, second):
+            for moments in state["optimizer"]["state"].values():
+                for k in ("exp_avg", "exp_avg_sq"):
+                    moments[k] = moments[k].half()
+    name = "optimizer.state.0." + ("momentum_buffer" if case == "sgd_momentum" else "exp_avg")
+    if case == "key_without_base":
+        c = lctriton.compress(second, lossless_key=False, **options)
+        assert _records(c)[name]["codec"] == codecs.LQ
+        return
+    if case == "exact_pattern":
+        options["exact"] = ["*.exp_avg"]
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    c, recon = lctriton.compress(second, base=base, return_reconstruction=True, **options)
+    assert _records(c)[name]["codec"] == (codecs.BP if case == "exact_pattern" else codecs.LQ)
+    restored = lctriton.pipeline.flatten_tensors(lctriton.decompress(c, base=base))
+    assert_bit_exact(restored[name], lctriton.pipeline.flatten_tensors(recon)[name])
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="scaled_precision must be an int from 0 to 4, got 5"):
+        lctriton.compress({"w": torch.ones(3)}, scaled_precision=5)
+    with pytest.raises(ValueError, match="scaled_precision must be an int from 0 to 4, got True"):
+        lctriton.compress({"w": torch.ones(3)}, scaled_precision=True)
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+@pytest.fixture(scope="module")
+def scaled_file():
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    # min_numel 16: the linear layer's first moment is coded too, so the file has two sq/1 records.
+    data = lctriton.compress(second, base=base, first_moment="scaled", min_numel=16).to_bytes()
+    return data, base
+
+
+def _edit(data, change):
+    """``data`` with its sq/1 record changed by ``change(record, index)``."""
+    index = lctriton.Compressed.from_bytes(data).index
+    index = json.loads(json.dumps(index))
+    rec = next(r for r in index["tensors"] if r["codec"] == codecs.SQ)
+    change(rec, index)
+    return with_index(data, index)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r, i: r.pop("norm"), r"'norm' must name another tensor"),
+        (lambda r, i: r.update(norm=r["name"]), r"'norm' must name another tensor"),
+        (lambda r, i: r.update(norm="optimizer.state.9.exp_avg_sq"), r"which the file lacks"),
+        (lambda r, i: r.update(norm="optimizer.state.0.step"), r"is not a float32 tensor of \d+ elements"),
+        (lambda r, i: r.update(reach=128), r"'reach'"),
+        (lambda r, i: r.update(reach=r["reach"] + 1), r"'freqs' must list"),
+        (lambda r, i: r.update(dtype="float16"), r"cannot hold dtype float16"),
+        (lambda r, i: r.update(scale=0), r"'scale' must be a positive finite float32"),
+        (lambda r, i: r.update(base=None), r"'base' must name one"),
+        (lambda r, i: r.update(precision=5), r"'precision'"),
+    ],
+    ids=["no-norm", "norm-is-itself", "norm-missing", "norm-wrong-kind", "reach-too-far", "reach-vs-freqs",
+         "dtype", "scale", "no-base", "precision"],
+)
+def test_bad_records_are_format_errors(scaled_file, change, message):
+    data, base = scaled_file
+    with pytest.raises(FormatError, match=message):
+        lctriton.decompress(_edit(data, change), base=base)
+
+
+def test_a_norm_that_is_itself_scaled_is_refused(scaled_file):
+    """Every norm must decode before the records that read it: an sq/1 record cannot be one."""
+    data, base = scaled_file
+
+    def point_at_other_first_moment(rec, index):
+        others = [r for r in index["tensors"] if r["codec"] == codecs.SQ and r is not rec]
+        other = others[0]
+        other["shape"], rec["norm"] = rec["shape"], other["name"]  # same size, so only the codec is wrong
+
+    with pytest.raises(FormatError, match="coded before it"):
+        lctriton.decompress(_edit(data, point_at_other_first_moment), base=base)
+
+
+def test_wrong_base_is_still_detected(scaled_file):
+    data, base = scaled_file
+    other = copy.deepcopy(base)
+    other["optimizer"]["state"][0]["exp_avg"][0] += 1
+    with pytest.raises(lctriton.BaseMismatchError):
+        lctriton.decompress(data, base=other)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_scaled_moments_match_cpu_bytes():
+    first, second = _adam_states(steps_between=6)
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    cpu_bytes = lctriton.compress(second, base=base, first_moment="scaled").to_bytes()
+
+    def cuda(state):
+        return {"model": {k: v.cuda() for k, v in state["model"].items()},
+                "optimizer": {**state["optimizer"], "state": {
+                    p: {k: v.cuda() for k, v in s.items()} for p, s in state["optimizer"]["state"].items()}}}
+
+    gbase = cuda(base)
+    assert lctriton.compress(cuda(second), base=gbase, first_moment="scaled").to_bytes() == cpu_bytes
+    from_gpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=gbase))
+    from_cpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=base))
+    for k, v in from_cpu.items():
+        assert_bit_exact(from_gpu[k].cpu(), v, k)
