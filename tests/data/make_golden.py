@@ -3,6 +3,7 @@
     python3 tests/data/make_golden.py          # golden_v1 (lc/1, raw/1)
     python3 tests/data/make_golden.py --rans     # golden_rans_v1 (lc/2, lq/1, bp/1)
     python3 tests/data/make_golden.py --context  # golden_context_v2 (lc/3, lq/2)
+    python3 tests/data/make_golden.py --scaled   # golden_scaled_v1 (sq/1)
 
 The state is built from integer formulas only (no RNG), so it is the same on every machine.
 ``tests/test_format.py`` rebuilds it with :func:`golden_state` and checks that compressing
@@ -35,6 +36,9 @@ GOLDEN_RANS_LCT = HERE / "golden_rans_v1.lct"
 GOLDEN_CONTEXT_LCT = HERE / "golden_context_v2.lct"
 GOLDEN_CONTEXT_JSON = HERE / "golden_context_v2.json"
 GOLDEN_RANS_JSON = HERE / "golden_rans_v1.json"
+#: sq/1 (Adam first moments in units of sqrt(v)) and the lq/1 second moment it reads.
+GOLDEN_SCALED_LCT = HERE / "golden_scaled_v1.lct"
+GOLDEN_SCALED_JSON = HERE / "golden_scaled_v1.json"
 
 #: Fixed codec options of the golden file (every option spelled out, defaults included).
 #: The v1 file predates rANS, log-coded moments and byte planes: those are pinned off.
@@ -177,6 +181,43 @@ def golden_context_state() -> tuple[dict, dict]:
     return state, base
 
 
+#: Options of the scaled golden file: the rANS file's, with first moments in sq/1.
+SCALED_OPTIONS = dict(RANS_OPTIONS, moments="scaled", moment_precision=0, scaled_precision=2)
+
+
+def golden_scaled_state() -> tuple[dict, dict]:
+    """A state and base, from integer formulas only, whose Adam first moment is coded with
+    sq/1 against the second moment beside it (itself lq/1): levels of both signs over a wide
+    range of magnitudes, elements never stepped (m = v = 0), a base holding -0.0, a value
+    past the reach (an exception) and one whose second moment is zero (another).
+
+    Returns:
+        ``(state, base)``.
+    """
+    i = torch.arange(4096, dtype=torch.int64)
+    v = torch.pow(2.0, -((i * 5) % 24 + 12).to(torch.float32))
+    unit = torch.sqrt(v.double()).float()
+    level = (((i * 11) % 23) - 11).to(torch.float32) / 4  # -2.75 .. 2.75 units of sqrt(v)
+    m_base = ((((i * 13) % 17) - 8).to(torch.float32)) * unit / 8
+    m = m_base * 0.9 + level * unit + ((i % 7) - 3).to(torch.float32) * unit / 64
+    never = (i % 31) == 0
+    m[never], v[never], m_base[never] = 0.0, 0.0, 0.0
+    m_base[(i % 29) == 1] = -0.0
+    m[5] = 1000.0 * unit[5]  # past the reach
+    v[6], m[6] = 0.0, 1e-3  # nothing to scale by
+    v_base = v * 1.001
+    opt = {
+        "state": {0: {"step": torch.tensor(9.0), "exp_avg": m.reshape(64, 64), "exp_avg_sq": v.reshape(64, 64)}},
+        "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}],
+    }
+    base_opt = {
+        "state": {0: {"step": torch.tensor(8.0), "exp_avg": m_base.reshape(64, 64),
+                      "exp_avg_sq": v_base.reshape(64, 64)}},
+        "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}],
+    }
+    return {"optimizer": opt}, {"optimizer": base_opt}
+
+
 def tensor_digest(t: torch.Tensor | np.ndarray) -> dict:
     """dtype, shape and SHA-256 of the little-endian bytes of a tensor or array."""
     if isinstance(t, np.ndarray):
@@ -227,6 +268,10 @@ def main() -> int:
     if "--rans" in sys.argv:
         _write_codec_golden(lctriton, golden_rans_state, RANS_OPTIONS, GOLDEN_RANS_LCT, GOLDEN_RANS_JSON,
                             "lc/2, lq/1 and bp/1")
+        return 0
+    if "--scaled" in sys.argv:
+        _write_codec_golden(lctriton, golden_scaled_state, SCALED_OPTIONS, GOLDEN_SCALED_LCT,
+                            GOLDEN_SCALED_JSON, "sq/1 (with lq/1 for its second moment)")
         return 0
     if "--context" in sys.argv:
         _write_codec_golden(lctriton, golden_context_state, CONTEXT_OPTIONS, GOLDEN_CONTEXT_LCT,
