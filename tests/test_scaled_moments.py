@@ -13,6 +13,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from lctriton.kernels import rans_cpu, reference
 
 import lctriton
@@ -144,6 +146,29 @@ def test_compiled_pass_matches_the_reference_on_a_million_moments(precision):
         assert a.numpy().tobytes() == b.numpy().tobytes()
     back = rans_cpu.sq_reconstruct(want[0], want[1], precision, base, 0.3, v)
     assert back.numpy().tobytes() == reference.sq_reconstruct(want[0], want[1], precision, base, 0.3, v).numpy().tobytes()
+
+
+_F32_BITS = st.integers(0, 2**32 - 1)
+
+
+@pytest.mark.skipif(not rans_cpu.available(), reason="no C compiler")
+@given(st.lists(st.tuples(_F32_BITS, _F32_BITS, _F32_BITS), min_size=1, max_size=64),
+       st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.integers(0, 4))
+def test_compiled_pass_matches_the_reference_on_any_bits(triples, scale, precision):
+    """Any float32 bit patterns (NaN payloads, infinities, subnormals, negative second
+    moments): the compiled pass gives the reference's symbols, reach, exceptions and
+    reconstruction bytes, and its decoder the reference's."""
+    words = torch.tensor(triples, dtype=torch.int64).to(torch.int32)  # two's complement bits
+    x, b, n = (words[:, j].contiguous().view(torch.float32) for j in range(3))
+    ours = rans_cpu.sq_symbols(x, b, scale, n, precision)
+    want = reference.sq_symbols(x, b, scale, n, precision)
+    assert ours[1] == want[1]
+    for a, c in ((ours[0], want[0]), (ours[2], want[2]), (ours[3], want[3])):
+        assert a.numpy().tobytes() == c.numpy().tobytes()
+    decoded = rans_cpu.sq_reconstruct(want[0], want[1], precision, b, scale, n)
+    expected = reference.sq_reconstruct(want[0], want[1], precision, b, scale, n)
+    ok = ~want[3]
+    assert decoded[ok].numpy().tobytes() == expected[ok].numpy().tobytes()
 
 
 def test_ties_round_to_even_and_reach_is_inclusive():
