@@ -439,7 +439,7 @@ int lct_fingerprint_sums(const void *words, int64_t n, int width, uint64_t *sums
 /* lq/1 on float32 tensors (reference.lq_symbols / lq_reconstruct, which state the codec).
  * Values travel as their bit patterns; the prediction is one IEEE single multiply, as
  * numpy's float32 multiply, so every element gets the reference's bits (this file is
- * compiled as ISO C, which keeps a multiply a multiply). */
+ * compiled with -ffp-contract=off, which keeps a multiply a multiply). */
 #define FINE_SHIFT 19
 #define NONFINITE(u) (((u) & 0x7F800000u) == 0x7F800000u)
 #define NONFINITE_FINE_KEY (0xFFu << 4)
@@ -578,9 +578,9 @@ void lct_lc_reconstruct_f32(const uint8_t *sym, const uint32_t *reps, int64_t nr
 
 /* sq/1 (reference.sq_symbols / sq_reconstruct) on float32 first moments: each element's level
  * k = rint((x - base * scale) / sqrt(norm) * up) in units of sqrt(norm), in one pass. Writes
- * k + 128 (0 at exceptions, as level 0), the exception flags and the reconstruction
+ * k + 128 (k = 0 at exceptions), the exception flags and the reconstruction
  * p + (k * down) * sqrt(norm) (the exact value at exceptions); returns the largest |k| and
- * stores the exception count. Every operation is one IEEE single operation (ISO C, no
+ * stores the exception count. Every operation is one IEEE single operation (no
  * contraction, no errno checks), so the bits are the reference's. */
 int64_t lct_sq_symbols_f32(const float *x, const float *base, float scale, const float *norm, float up,
                            float down, int64_t n, uint8_t *levels, uint8_t *bad, float *out, int64_t *exceptions)

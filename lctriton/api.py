@@ -366,8 +366,10 @@ def inspect(path: str | os.PathLike[str] | bytes | Compressed) -> dict[str, Any]
     Returns:
         ``{"version", "nbytes", "raw_nbytes", "ratio", "delta", "tensors": [...]}`` where each
         tensor entry has ``name``, ``dtype``, ``shape``, ``codec``, ``raw_nbytes``,
-        ``stored_nbytes``, ``ratio``, ``error_bound`` (max absolute error of the delta's
-        quantization, 0 for exact codecs), ``exceptions`` and ``base`` (fingerprint or None).
+        ``stored_nbytes``, ``ratio``, ``error_bound`` (the record's bound on the quantization
+        error: absolute for ``lc`` deltas, relative to the value's bin for ``lq``, in units of
+        ``sqrt(v)`` for ``sq/1``; 0 for exact codecs), ``exceptions`` and ``base``
+        (fingerprint or None).
 
     Raises:
         FormatError: If the container is invalid.

@@ -49,7 +49,7 @@ Eight codecs exist (``docs/format.md`` has every field):
     centred on and one rANS table per context.
 
 ``sq/1``
-    Adam first moments in units of the step they cause (``reference.sq_levels``): each value
+    Adam first moments in units of the step they cause (``reference.sq_symbols``): each value
     ``m`` becomes the level ``rint((m - scale * b) / sqrt(v) * 2**precision)``, where ``b`` is
     the base's first moment and ``v`` the second moment of the same parameter as the same
     file restores it. Adam moves a weight by ``lr * m / sqrt(v)``, so the restored step of
@@ -338,7 +338,11 @@ def _host_parts(tensors: list[torch.Tensor], dtypes: list[Any]) -> tuple[list[np
 def _rans_parts(
     symbols: torch.Tensor, counts: np.ndarray, chunk_symbols: int
 ) -> tuple[np.ndarray, int | None, torch.Tensor, torch.Tensor]:
-    """The rANS stage of one symbol stream: its table, fill symbol, words and chunk table."""
+    """The rANS stage of one symbol stream: its table, fill symbol, words and chunk table. An
+    empty stream is a fill of symbol 0 (a table must sum to its scale)."""
+    if not np.any(counts):
+        counts = np.zeros(len(counts), dtype=np.int64)
+        counts[0] = 1
     freqs = rans.quantize_frequencies(counts)
     fill = rans.fill_symbol(freqs)
     dev = symbols.device

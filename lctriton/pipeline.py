@@ -25,9 +25,8 @@ import fnmatch
 import functools
 import logging
 import os
-import queue
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -537,47 +536,29 @@ def encode_states(
     def numel(job: tuple[int, int]) -> int:
         return flats[job[0]].tensors[job[1]][1].numel()
 
-    order = sorted(jobs, key=lambda job: -numel(job))
-    on_cpu = all(t.device.type == "cpu" for flat in flats for _, t in flat.tensors)
-    threads = min(cpu_threads(), len(jobs)) if on_cpu and backend.threads_allowed("cpu") else 1
-    results: dict[tuple[int, int], codecs.EncodedTensor] = {}
-
-    def finished(job: tuple[int, int], encoded: codecs.EncodedTensor) -> None:
-        nonlocal done
-        results[job] = encoded
-        tensor = flats[job[0]].tensors[job[1]][1]
-        done += tensor.numel() * tensor.element_size()
-        if progress is not None:
-            progress(done, total)
-
-    # An sq/1 first moment needs its second moment's reconstruction: it is coded once that is.
-    dependents: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for job in order:
+    # An sq/1 first moment needs its second moment's reconstruction: the two are one unit of
+    # work, coded in that order by one thread (so the reconstruction is dropped at once).
+    units = [[job] for job in jobs if job not in norms]
+    unit_of = {unit[0]: unit for unit in units}
+    for job in jobs:
         if job in norms:
-            dependents.setdefault(norms[job], []).append(job)
-    if threads > 1:
-        outcomes: queue.SimpleQueue = queue.SimpleQueue()
-        with ThreadPoolExecutor(threads) as pool:
+            unit_of[norms[job]].append(job)
+    units.sort(key=lambda unit: -sum(numel(job) for job in unit))
 
-            def submit(job: tuple[int, int]) -> None:
-                pool.submit(encode_one, job).add_done_callback(functools.partial(settled, job))
+    def encode_unit(unit: list[tuple[int, int]]) -> list[codecs.EncodedTensor]:
+        return [encode_one(job) for job in unit]
 
-            def settled(job: tuple[int, int], future: Future) -> None:
-                if future.exception() is None:
-                    for first in dependents.get(job, ()):
-                        submit(first)
-                outcomes.put((job, future))
-
-            for job in order:
-                if job not in norms:
-                    submit(job)
-            # A failed job is raised here at once; the first moments that needed it never run.
-            for _ in jobs:
-                job, future = outcomes.get()
-                finished(job, future.result())
-    else:
-        for job in [job for job in order if job not in norms] + [job for job in order if job in norms]:
-            finished(job, encode_one(job))
+    on_cpu = all(t.device.type == "cpu" for flat in flats for _, t in flat.tensors)
+    threads = min(cpu_threads(), len(units)) if on_cpu and backend.threads_allowed("cpu") else 1
+    results: dict[tuple[int, int], codecs.EncodedTensor] = {}
+    with ThreadPoolExecutor(threads) if threads > 1 else _Inline() as pool:
+        for unit, encoded in zip(units, pool.map(encode_unit, units), strict=True):
+            for job, one in zip(unit, encoded, strict=True):
+                results[job] = one
+                tensor = flats[job[0]].tensors[job[1]][1]
+                done += tensor.numel() * tensor.element_size()
+                if progress is not None:
+                    progress(done, total)
     out = []
     for k, flat in enumerate(flats):
         records, sections, recon_tensors, pending = [], [], [], []

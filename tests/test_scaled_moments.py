@@ -283,6 +283,65 @@ def test_scaled_falls_back_where_it_cannot_apply(case):
     assert_bit_exact(restored[name], lctriton.pipeline.flatten_tensors(recon)[name])
 
 
+@pytest.mark.parametrize("moments", ["scaled", "log"])
+def test_empty_moments_round_trip(moments):
+    """With min_numel=0 even empty moments are coded: an empty stream is a fill of symbol 0."""
+    def state(step):
+        empty = torch.zeros(0)
+        return {"optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": empty.clone(),
+                                            "exp_avg_sq": empty.clone()}},
+                              "param_groups": [{"params": [0], "betas": (0.9, 0.999)}]}}
+
+    c = lctriton.compress(state(2), base=state(1), min_numel=0, moments=moments)
+    want = codecs.SQ if moments == "scaled" else codecs.LQ
+    assert _records(c)["optimizer.state.0.exp_avg"]["codec"] == want
+    restored = lctriton.decompress(c.to_bytes(), base=state(1))["optimizer"]["state"][0]
+    assert restored["exp_avg"].shape == (0,) and restored["exp_avg_sq"].shape == (0,)
+
+
+def test_a_failing_job_raises_from_compress():
+    """An error in any job (here the progress callback) reaches the caller."""
+    first, second = _adam_states()
+    _, base = lctriton.compress(first, return_reconstruction=True)
+
+    def progress(done, total):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        lctriton.compress(second, base=base, progress=progress)
+
+
+_EXIT_WHILE_SAVING = """
+import sys, tempfile, time, torch, lctriton
+n = 1 << 20
+def state(seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(n, generator=g) * 1e-6
+    return {"model": {"w": torch.randn(n, generator=g), "w2": torch.randn(n, generator=g)},
+            "optimizer": {"state": {0: {"step": torch.tensor(float(seed)), "exp_avg": torch.randn(n, generator=g) * v.sqrt(),
+                                        "exp_avg_sq": v}},
+                          "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]}}
+manager = lctriton.CheckpointManager(tempfile.mkdtemp())
+manager.save(1, state(1)).durable.result()
+manager.save(2, state(2))
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03])
+def test_the_process_exits_while_a_save_codes_first_moments(delay):
+    """A script that ends without closing its manager, while a delta with sq/1 first moments
+    is being coded in the background, exits (the save fails or completes; nothing hangs)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _EXIT_WHILE_SAVING, str(delay)], env=env, timeout=120,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="scaled_precision must be an int from 0 to 4, got 5"):
         lctriton.compress({"w": torch.ones(3)}, scaled_precision=5)
