@@ -579,15 +579,15 @@ void lct_lc_reconstruct_f32(const uint8_t *sym, const uint32_t *reps, int64_t nr
 /* sq/1 (reference.sq_symbols / sq_reconstruct) on float32 first moments: each element's level
  * k = rint((x - base * scale) / sqrt(norm) * up) in units of sqrt(norm), in one pass. Writes
  * k + 128 (k = 0 at exceptions), the exception flags and the reconstruction
- * p + (k * down) * sqrt(norm) (the exact value at exceptions); returns the largest |k| and
- * stores the exception count. Every operation is one IEEE single operation (no
+ * p + (k * down) * sqrt(norm) (the exact value at exceptions); returns the largest |k|.
+ * Every operation is one IEEE single operation (no
  * contraction, no errno checks), so the bits are the reference's. */
 int64_t lct_sq_symbols_f32(const float *x, const float *base, float scale, const float *norm, float up,
-                           float down, int64_t n, uint8_t *levels, uint8_t *bad, float *out, int64_t *exceptions)
+                           float down, int64_t n, uint8_t *levels, uint8_t *bad, float *out)
 {
     /* 1.5 * 2**23: adding and subtracting it rounds |v| < 2**22 to an integer, ties to even. */
     const float magic = 12582912.0f;
-    int64_t reach = 0, count = 0;
+    int64_t reach = 0;
     for (int64_t i = 0; i < n; i++) {
         const float p = base[i] * scale;
         const float s = __builtin_sqrtf(norm[i]);
@@ -613,11 +613,9 @@ int64_t lct_sq_symbols_f32(const float *x, const float *base, float scale, const
         levels[i] = (uint8_t)(k + 128);
         bad[i] = (uint8_t)!ok;
         out[i] = ok ? r : x[i];
-        count += !ok;
         const int64_t a = k < 0 ? -k : k;
         reach = a > reach ? a : reach;
     }
-    *exceptions = count;
     return reach;
 }
 

@@ -181,7 +181,7 @@ def _library() -> ctypes.CDLL | None:
     lib.lct_lq_reconstruct_f32.argtypes = [_PTR, _PTR, _I64, _PTR, ctypes.c_float, _I64, _PTR]
     lib.lct_sq_symbols_f32.restype = _I64
     lib.lct_sq_symbols_f32.argtypes = [
-        _PTR, _PTR, ctypes.c_float, _PTR, ctypes.c_float, ctypes.c_float, _I64, _PTR, _PTR, _PTR, _PTR,
+        _PTR, _PTR, ctypes.c_float, _PTR, ctypes.c_float, ctypes.c_float, _I64, _PTR, _PTR, _PTR,
     ]
     lib.lct_sq_reconstruct_f32.restype = None
     lib.lct_sq_reconstruct_f32.argtypes = [_PTR, _I64, ctypes.c_float, _PTR, ctypes.c_float, _PTR, _I64, _PTR]
@@ -528,10 +528,9 @@ def sq_symbols(
     levels = torch.empty(n, dtype=torch.uint8)
     bad = torch.empty(n, dtype=torch.bool)
     out = torch.empty(n, dtype=torch.float32)
-    exceptions = np.zeros(1, dtype=np.int64)
     reach = int(_require().lct_sq_symbols_f32(
         xs.data_ptr(), bs.data_ptr(), float(np.float32(scale)), ns.data_ptr(), 2.0**precision, 2.0**-precision, n,
-        levels.data_ptr(), bad.data_ptr(), out.data_ptr(), exceptions.ctypes.data,
+        levels.data_ptr(), bad.data_ptr(), out.data_ptr(),
     ))
     # Levels come as k + 128; symbols are k + reach (uint8 arithmetic wraps, and k >= -reach).
     return levels.sub_(128 - reach), reach, out, bad

@@ -1098,6 +1098,14 @@ def _rans_table(record: dict, field: str, name: str, nsym: int, fill: Any, numel
         raise _fail(name, f"'fill' must be a symbol below {nsym}, got {fill!r}")
 
 
+def _float32_field(record: dict, field: str, name: str) -> float:
+    """A field holding the bits of a positive finite float32 value; returns the value."""
+    value = float(np.uint32(_int(record, field, name, 0, (1 << 32) - 1)).view(np.float32))
+    if not 0.0 < value < math.inf:
+        raise _fail(name, f"{field!r} must be a positive finite float32, got {value!r}")
+    return value
+
+
 def _symbol_fields(record: dict, name: str, codec: str, dtype_name: str) -> list:
     """The fields every rANS-coded lossy record has: a lossy dtype, the chunk, the symbol
     width (``lc``) or the precision and scale (``lq``), and the representatives, which it
@@ -1109,10 +1117,7 @@ def _symbol_fields(record: dict, name: str, codec: str, dtype_name: str) -> list
         most = 1 << _int(record, "bits", name, 1, 8)
     else:
         _int(record, "precision", name, 0, MAX_LOG_PRECISION)
-        scale = _int(record, "scale", name, 0, (1 << 32) - 1)
-        value = float(np.uint32(scale).view(np.float32))
-        if not 0.0 < value < math.inf:
-            raise _fail(name, f"'scale' must be a positive finite float32, got {value!r}")
+        _float32_field(record, "scale", name)
         most = 256
     reps = record.get("reps")
     if not isinstance(reps, list) or not 1 <= len(reps) <= most:
@@ -1124,24 +1129,22 @@ def _symbol_fields(record: dict, name: str, codec: str, dtype_name: str) -> list
 
 def _validate_rans_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
     reps = _symbol_fields(record, name, codec, dtype_name)
+    _stream_fields(record, name, len(reps), numel, nullable_bound=True)
+
+
+def _stream_fields(record: dict, name: str, nsym: int, numel: int, nullable_bound: bool) -> None:
+    """The fields of a record whose symbols are one rANS stream (lc/2, lq/1, sq/1): the
+    table and fill, the word count, the exceptions, the bound and the base."""
     if "fill" not in record:
         raise _fail(name, "field 'fill' is missing")
     fill = record["fill"]
-    _rans_table(record, "freqs", name, len(reps), fill, numel)
+    _rans_table(record, "freqs", name, nsym, fill, numel)
     words = _int(record, "words", name)
     if fill is not None and words:
         raise _fail(name, "a fill must not have a stream")
     _int(record, "exceptions", name, 0, numel)
-    _bound_field(record, name, nullable=True)
+    _bound_field(record, name, nullable=nullable_bound)
     _base_field(record, name)
-
-
-def _float32_field(record: dict, field: str, name: str) -> float:
-    """A field holding the bits of a positive finite float32 value; returns the value."""
-    value = float(np.uint32(_int(record, field, name, 0, (1 << 32) - 1)).view(np.float32))
-    if not 0.0 < value < math.inf:
-        raise _fail(name, f"{field!r} must be a positive finite float32, got {value!r}")
-    return value
 
 
 def _validate_sq_record(record: dict, name: str, numel: int) -> None:
@@ -1153,16 +1156,7 @@ def _validate_sq_record(record: dict, name: str, numel: int) -> None:
     reach = _int(record, "reach", name, 0, reference.SQ_REACH)
     if not isinstance(record.get("norm"), str) or record["norm"] == name:
         raise _fail(name, "'norm' must name another tensor of the state (its second moment)")
-    if "fill" not in record:
-        raise _fail(name, "field 'fill' is missing")
-    fill = record["fill"]
-    _rans_table(record, "freqs", name, 2 * reach + 1, fill, numel)
-    if fill is not None and _int(record, "words", name):
-        raise _fail(name, "a fill must not have a stream")
-    _int(record, "words", name)
-    _int(record, "exceptions", name, 0, numel)
-    _bound_field(record, name, nullable=False)
-    _base_field(record, name)
+    _stream_fields(record, name, 2 * reach + 1, numel, nullable_bound=False)
     if record["base"] is None:
         raise _fail(name, f"codec {SQ} codes a delta: 'base' must name one")
 

@@ -488,11 +488,10 @@ def encode_states(
         return (k, j) if norm.dtype == torch.float32 and norm.numel() == tensor.numel() else None
 
     norms = {job: found for job in jobs if (found := norm_job(job)) is not None}
-    # Second moments' reconstructions, kept for the first moments coded against them.
-    norm_values: dict[tuple[int, int], torch.Tensor] = {}
-    wanted = set(norms.values())
 
-    def encode_one(job: tuple[int, int]) -> codecs.EncodedTensor:
+    def encode_one(job: tuple[int, int], norm: tuple[str, torch.Tensor] | None = None) -> codecs.EncodedTensor:
+        """Code one tensor; its reconstruction is always set (``encode_unit`` drops it).
+        ``norm``: for an sq/1 first moment, its second moment's name and reconstruction."""
         k, i = job
         name, tensor = flats[k].tensors[i]
         b = bases[k].get(name)
@@ -506,12 +505,9 @@ def encode_states(
             exact = True
         if exact:
             encoded = _encode_exact(tensor, b, options, fingerprint)
-            if job in wanted:
-                norm_values[job] = tensor.detach()
-            encoded.reconstruction = tensor.detach().clone() if reconstruct else None
+            encoded.reconstruction = tensor.detach().clone() if reconstruct else tensor.detach()
             return encoded
-        if job in norms:
-            norm = flats[k].tensors[norms[job][1]][0], norm_values.pop(norms[job])
+        if norm is not None:
             encoded = codecs.encode_sq(
                 tensor, b, norm, decays[k].get(name, 1.0), options.scaled_precision, options.chunk_symbols,
                 fingerprint,
@@ -528,9 +524,7 @@ def encode_states(
             encoded = codecs.encode_lc(
                 tensor, b, options.bits, options.chunk_symbols, options.coder, context, fingerprint
             )
-        if job in wanted:
-            norm_values[job] = encoded.reconstruction.reshape(tensor.shape)
-        encoded.reconstruction = encoded.reconstruction.to(tensor.device) if reconstruct else None
+        encoded.reconstruction = encoded.reconstruction.to(tensor.device)
         return encoded
 
     def numel(job: tuple[int, int]) -> int:
@@ -546,7 +540,13 @@ def encode_states(
     units.sort(key=lambda unit: -sum(numel(job) for job in unit))
 
     def encode_unit(unit: list[tuple[int, int]]) -> list[codecs.EncodedTensor]:
-        return [encode_one(job) for job in unit]
+        first = encode_one(unit[0])
+        norm = flats[unit[0][0]].tensors[unit[0][1]][0], first.reconstruction
+        coded = [first] + [encode_one(job, norm) for job in unit[1:]]
+        if not reconstruct:
+            for encoded in coded:
+                encoded.reconstruction = None
+        return coded
 
     on_cpu = all(t.device.type == "cpu" for flat in flats for _, t in flat.tensors)
     threads = min(cpu_threads(), len(units)) if on_cpu and backend.threads_allowed("cpu") else 1
