@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from lctriton import codecs, pipeline
@@ -55,26 +56,61 @@ class Compressed:
             shapes = pipeline.validate_index(container.index)
             self.raw_nbytes = sum(n * torch.empty(0, dtype=d).element_size() for d, _, n in shapes)
 
-    def to_bytes(self) -> bytes:
-        """The container's bytes, as :func:`save` writes them."""
+    def to_bytes(self, format_version: int | None = None) -> bytes:
+        """The container's bytes, as :func:`save` writes them.
+
+        Args:
+            format_version: Container major: 2 deflates the index, 1 writes the file that
+                readers older than format 2 take, with the same sections. None: 2 for a
+                state compressed here, the file's own version for one parsed from bytes.
+        """
+        native = self._native_version()
+        version = native if format_version is None else fmt.check_version(format_version)
+        if version != native:
+            if self._encoded is None:
+                return self._rewritten(version)
+            buf = io.BytesIO()
+            self.write(buf, version)
+            return buf.getvalue()
         if self._bytes is None:
             if self._encoded is None:
                 self._bytes = bytes(self._container._buffer)  # noqa: SLF001 (own module family)
             else:
                 self._encoded.wait_ready()
                 buf = io.BytesIO()
-                fmt.write_container(buf, self._encoded.index, self._encoded.sections)
+                fmt.write_container(buf, self._encoded.index, self._encoded.sections, version)
                 self._bytes = buf.getvalue()
         return self._bytes
 
-    def write(self, stream: Any) -> int:
-        """Write the container to a binary stream; returns the bytes written."""
-        if self._encoded is not None and self._bytes is None:
+    def write(self, stream: Any, format_version: int | None = None) -> int:
+        """Write the container to a binary stream; returns the bytes written.
+
+        Args:
+            stream: Writable binary stream.
+            format_version: As in :meth:`to_bytes`.
+        """
+        native = self._native_version()
+        version = native if format_version is None else fmt.check_version(format_version)
+        if self._encoded is not None and (self._bytes is None or version != native):
             self._encoded.wait_ready()
-            return fmt.write_container(stream, self._encoded.index, self._encoded.sections)
-        data = self.to_bytes()
+            return fmt.write_container(stream, self._encoded.index, self._encoded.sections, version)
+        data = self.to_bytes(version)
         stream.write(data)
         return len(data)
+
+    def _native_version(self) -> int:
+        """The major :meth:`to_bytes` writes by default."""
+        return fmt.MAJOR_VERSION if self._encoded is not None else self.container.version[0]
+
+    def _rewritten(self, format_version: int) -> bytes:
+        """A parsed container written again in another format version: the same sections
+        (each a multiple of 8 bytes, so laid out at the same offsets) under the same index."""
+        container = self.container
+        index = {k: v for k, v in container.index.items() if k != "sections"}
+        sections = [[np.frombuffer(container.section(i), dtype=np.uint8)] for i in range(container.num_sections)]
+        buf = io.BytesIO()
+        fmt.write_container(buf, index, sections, format_version)
+        return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Compressed:
@@ -266,6 +302,7 @@ def save(
     *,
     progress: Progress | None = None,
     metadata: dict[str, Any] | None = None,
+    format_version: int = fmt.MAJOR_VERSION,
     **options: Any,
 ) -> Compressed:
     """Compress a state and write it to ``path`` atomically.
@@ -279,13 +316,17 @@ def save(
         obj: The state.
         base: As in :func:`compress`.
         progress: Called with (bytes done, bytes total) while encoding.
+        metadata: As in :func:`compress`.
+        format_version: Container major, as in :meth:`Compressed.to_bytes`: 1 writes a file
+            that readers older than format 2 take.
         **options: Codec options, as in :func:`compress`.
 
     Returns:
-        The compressed state (its ``nbytes`` is the file size).
+        The compressed state (its ``nbytes`` is the size of the default, version 2 file).
     """
+    format_version = fmt.check_version(format_version)
     compressed = compress(obj, base, progress=progress, metadata=metadata, **options)
-    write_atomic(path, compressed)
+    write_atomic(path, lambda f: compressed.write(f, format_version))
     return compressed
 
 
@@ -412,7 +453,7 @@ def _describe(container: fmt.Container) -> dict[str, Any]:
         )
     raw_total = sum(t["raw_nbytes"] for t in tensors)
     return {
-        "version": f"{fmt.MAJOR_VERSION}.{fmt.MINOR_VERSION}",
+        "version": "{}.{}".format(*container.version),
         "nbytes": container.size,
         "raw_nbytes": raw_total,
         "ratio": raw_total / container.size,

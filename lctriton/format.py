@@ -4,12 +4,13 @@ Layout (all integers little-endian; ``docs/format.md`` is the full specification
 
     offset 0    header, 64 bytes
                   magic         8s   b"\\x89LCT\\r\\n\\x1a\\n"
-                  major         u16  format major version (1)
+                  major         u16  format major version (2; readers also take 1)
                   minor         u16  format minor version (0)
                   flags         u32  0
                   reserved      48s  zeros
     offset 64   sections, each starting on a 64-byte boundary, zero padding between
-    ...         index: UTF-8 JSON object (tree, tensor records, section table, metadata)
+    ...         index: a JSON object (tree, tensor records, section table, metadata); in
+                version 2 a zlib stream (RFC 1950) of its ASCII text, in version 1 the text
     end - 32    footer, 32 bytes
                   index_offset  u64
                   index_length  u64
@@ -18,7 +19,10 @@ Layout (all integers little-endian; ``docs/format.md`` is the full specification
                   end_magic     8s   b"LCTEND\\r\\n"
 
 The index is written after the sections so that a container streams out in one pass; the
-footer tells a reader where it is. Reading checks every size against the file length
+footer tells a reader where it is, and its length and CRC-32 are those of the stored (in
+version 2, deflated) bytes. Deflating the index is version 2's only change: on small and
+delta checkpoints the index's chunk tables and symbol frequencies are a tenth of the file,
+and zlib takes three quarters of that away. Reading checks every size against the file length
 before it allocates anything, and every section against its CRC-32 before it is decoded.
 Nothing here unpickles: JSON and raw little-endian arrays are all a file can hold.
 """
@@ -42,6 +46,7 @@ __all__ = [
     "END_MAGIC",
     "MAJOR_VERSION",
     "MINOR_VERSION",
+    "READABLE_MAJORS",
     "HEADER_SIZE",
     "FOOTER_SIZE",
     "ALIGN",
@@ -53,13 +58,19 @@ __all__ = [
 
 MAGIC = b"\x89LCT\r\n\x1a\n"
 END_MAGIC = b"LCTEND\r\n"
-MAJOR_VERSION = 1
+#: The version this writer produces by default.
+MAJOR_VERSION = 2
 MINOR_VERSION = 0
+#: The majors this reader reads: 1 (plain JSON index) and 2 (deflated JSON index).
+READABLE_MAJORS = (1, 2)
 HEADER_SIZE = 64
 FOOTER_SIZE = 32
 ALIGN = 64
-#: Largest index a reader accepts, whatever the file size: a guard against absurd lengths.
+#: Largest index a reader accepts, stored or inflated, whatever the file size: a guard
+#: against absurd lengths and against deflate streams that expand without bound.
 MAX_INDEX_BYTES = 256 << 20
+#: zlib level of a version 2 index (zlib's default: level 9 saves under 1% more on indexes).
+INDEX_DEFLATE_LEVEL = 6
 
 _HEADER = struct.Struct("<8sHHI48s")
 _FOOTER = struct.Struct("<QQII8s")
@@ -73,8 +84,22 @@ def _pad(n: int, align: int) -> int:
     return -n % align
 
 
+def check_version(version: object) -> int:
+    """``version`` as a container major this module writes.
+
+    Raises:
+        ValueError: If it is not one of :data:`READABLE_MAJORS`.
+    """
+    if isinstance(version, bool) or version not in READABLE_MAJORS:
+        raise ValueError(f"format_version must be one of {list(READABLE_MAJORS)}, got {version!r}")
+    return int(version)
+
+
 def write_container(
-    out: BinaryIO, index: dict[str, Any], sections: Iterable[list[np.ndarray]]
+    out: BinaryIO,
+    index: dict[str, Any],
+    sections: Iterable[list[np.ndarray]],
+    version: int = MAJOR_VERSION,
 ) -> int:
     """Write a container to a binary stream in one pass.
 
@@ -82,11 +107,17 @@ def write_container(
         out: Writable binary stream; it is not seeked.
         index: JSON-serializable index; its ``"sections"`` entry is filled in here.
         sections: For each section, the arrays written back to back, each padded to 8 bytes.
+        version: Container major: 2 deflates the index, 1 writes it as plain JSON for
+            readers older than version 2 (the sections are the same bytes in both).
 
     Returns:
         The number of bytes written.
+
+    Raises:
+        ValueError: If ``version`` is not one this module writes.
     """
-    out.write(_HEADER.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, 0, bytes(48)))
+    version = check_version(version)
+    out.write(_HEADER.pack(MAGIC, version, MINOR_VERSION, 0, bytes(48)))
     offset = HEADER_SIZE
     table = []
     zeros = bytes(ALIGN)
@@ -110,6 +141,8 @@ def write_container(
     index = dict(index, sections=table)
     # ASCII with escapes: any Python str (lone surrogates included) survives the round trip.
     blob = json.dumps(index, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    if version >= 2:
+        blob = zlib.compress(blob, INDEX_DEFLATE_LEVEL)
     out.write(blob)
     index_offset = offset
     offset += len(blob)
@@ -125,12 +158,21 @@ class Container:
         index: The decoded JSON index (its structure is checked by the readers of each part;
             the section table is checked here).
         size: Total bytes.
+        version: The file's ``(major, minor)``.
     """
 
-    def __init__(self, buffer: Any, index: dict[str, Any], size: int, keepalive: Any = None) -> None:
+    def __init__(
+        self,
+        buffer: Any,
+        index: dict[str, Any],
+        size: int,
+        keepalive: Any = None,
+        version: tuple[int, int] = (MAJOR_VERSION, MINOR_VERSION),
+    ) -> None:
         self._buffer = memoryview(buffer)
         self.index = index
         self.size = size
+        self.version = version
         self._keepalive = keepalive
         self._verified: set[int] = set()
 
@@ -183,9 +225,10 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
     if size < HEADER_SIZE + FOOTER_SIZE:
         raise TruncatedError(f"container is truncated: {size} bytes, the minimum is {HEADER_SIZE + FOOTER_SIZE}")
     _, major, minor, flags, reserved = _HEADER.unpack(view[:HEADER_SIZE])
-    if major != MAJOR_VERSION:
+    if major not in READABLE_MAJORS:
         raise VersionError(
-            f"container format version {major}.{minor} is not supported (this reader reads {MAJOR_VERSION}.x)"
+            f"container format version {major}.{minor} is not supported (this reader reads "
+            f"{' and '.join(f'{m}.x' for m in READABLE_MAJORS)})"
         )
     if flags != 0:
         raise FormatError(f"unknown header flags 0x{flags:08x}")
@@ -205,8 +248,9 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
     blob = view[index_offset : index_offset + index_length]
     if _crc(blob) != index_crc:
         raise ChecksumError("the container's index fails its CRC-32 check")
+    text = _inflate_index(blob) if major >= 2 else bytes(blob)
     try:
-        index = json.loads(bytes(blob).decode("utf-8"), parse_constant=_reject_constant,
+        index = json.loads(text.decode("utf-8"), parse_constant=_reject_constant,
                            object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"the container's index is not valid JSON: {exc}") from None
@@ -233,7 +277,25 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
                 f"section {i}: bytes {offset}..{offset + length} overlap another part of the container"
             )
         end = offset + length
-    return Container(view, index, size, keepalive)
+    return Container(view, index, size, keepalive, (major, minor))
+
+
+def _inflate_index(blob: memoryview) -> bytes:
+    """The JSON text of a version 2 index: one complete zlib stream, inflated to at most
+    :data:`MAX_INDEX_BYTES` (checked while inflating, so a stream that expands without bound
+    stops there), with nothing after it."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(blob, MAX_INDEX_BYTES)
+    except zlib.error as exc:
+        raise FormatError(f"the container's index is not a valid zlib stream: {exc}") from None
+    if inflater.unconsumed_tail or (not inflater.eof and len(text) >= MAX_INDEX_BYTES):
+        raise FormatError(f"the container's index inflates past the limit of {MAX_INDEX_BYTES} bytes")
+    if not inflater.eof:
+        raise FormatError("the container's index ends inside its zlib stream")
+    if inflater.unused_data:
+        raise FormatError(f"{len(inflater.unused_data)} bytes follow the zlib stream of the container's index")
+    return text
 
 
 def _reject_constant(name: str) -> None:

@@ -86,10 +86,16 @@ def footer(data: bytes) -> tuple[int, int]:
     return index_offset, index_length
 
 
+def major(data: bytes) -> int:
+    """The container's major version, from its header."""
+    return struct.unpack_from("<H", data, 8)[0]
+
+
 def read_index(data: bytes) -> dict:
-    """The JSON index of a valid container, parsed from its footer."""
+    """The JSON index of a valid container (of either major), parsed from its footer."""
     index_offset, index_length = footer(data)
-    return json.loads(data[index_offset : index_offset + index_length])
+    blob = data[index_offset : index_offset + index_length]
+    return json.loads(zlib.decompress(blob) if major(data) >= 2 else blob)
 
 
 def make_footer(index_offset: int, blob: bytes) -> bytes:
@@ -97,16 +103,20 @@ def make_footer(index_offset: int, blob: bytes) -> bytes:
     return body + struct.pack("<I8s", zlib.crc32(body), fmt.END_MAGIC)
 
 
-def with_index(data: bytes, index: object = None, *, raw: bytes | None = None) -> bytes:
-    """``data`` with its index replaced by ``index`` (or the bytes ``raw``), checksums valid.
+def with_index(data: bytes, index: object = None, *, raw: bytes | None = None, stored: bytes | None = None) -> bytes:
+    """``data`` with its index replaced, checksums valid: by ``index`` serialized, by the
+    index text ``raw``, or by the bytes ``stored`` exactly as given.
 
     The sections (everything before the index) are kept byte for byte; the new index starts
-    where the old one did, and its CRC-32 and the footer are recomputed.
+    where the old one did (its text deflated when ``data`` is of format 2), and its CRC-32
+    and the footer are recomputed.
     """
     index_offset, _ = footer(data)
-    if raw is None:
-        raw = json.dumps(index, separators=(",", ":")).encode()
-    return data[:index_offset] + raw + make_footer(index_offset, raw)
+    if stored is None:
+        if raw is None:
+            raw = json.dumps(index, separators=(",", ":")).encode()
+        stored = zlib.compress(raw) if major(data) >= 2 else raw
+    return data[:index_offset] + stored + make_footer(index_offset, stored)
 
 
 def rewrite_index(data: bytes, mutate) -> bytes:
@@ -275,7 +285,7 @@ def outcomes(data: bytes, base, accepted: list | None = None) -> list[BaseExcept
 
 def test_golden_bytes_are_reproduced(golden):
     state, base, stored, info = golden
-    data = lctriton.compress(state, base, **make_golden.OPTIONS).to_bytes()
+    data = lctriton.compress(state, base, **make_golden.OPTIONS).to_bytes(format_version=1)
     if data != stored:
         first = next((i for i, (a, b) in enumerate(zip(data, stored, strict=False)) if a != b), min(len(data), len(stored)))
         where = [name for name, lo, hi in regions(stored) if lo <= first < hi]
@@ -332,6 +342,117 @@ def test_golden_decodes_bit_exactly(golden, golden_expected, tmp_path):
     report = lctriton.inspect(path)
     assert report["version"] == "1.0" and report["nbytes"] == len(data) and report["delta"]
     assert {t["name"]: t["codec"] for t in report["tensors"]} == info["codecs"]
+
+
+# Container 2.0: golden_v1's state with the index deflated (tests/data/golden_v2.*).
+
+
+@pytest.fixture(scope="module")
+def golden_v2():
+    """``(bytes of golden_v2.lct, its info)``."""
+    return (DATA / "golden_v2.lct").read_bytes(), json.loads((DATA / "golden_v2.json").read_text())
+
+
+def test_golden_v2_is_golden_v1_with_the_index_deflated(golden, golden_v2):
+    """Format 2 changes one thing: the index's stored bytes. Header (but for the major),
+    sections and the index text are golden_v1's."""
+    _, _, v1, _ = golden
+    v2, info = golden_v2
+    assert len(v2) == info["nbytes"] and hashlib.sha256(v2).hexdigest() == info["sha256"]
+    assert struct.unpack("<8sHHI48s", v2[:64]) == (fmt.MAGIC, 2, 0, 0, bytes(48))
+    index_offset, index_length = footer(v2)
+    assert index_offset == footer(v1)[0] and v2[:8] == v1[:8] and v2[10:index_offset] == v1[10:index_offset]
+    v1_text = v1[footer(v1)[0] : len(v1) - fmt.FOOTER_SIZE]
+    assert zlib.decompress(v2[index_offset : index_offset + index_length]) == v1_text
+    assert index_length < len(v1_text) // 2  # what the version is for
+
+
+def test_golden_v2_bytes_are_reproduced(golden, golden_v2):
+    """The writer's default is format 2. Other zlib builds may deflate the same text to
+    other bytes, so byte equality is required where zlib is the recording's version, and
+    elsewhere everything but the deflated bytes (header, sections, inflated index)."""
+    state, base, _, _ = golden
+    stored, info = golden_v2
+    data = lctriton.compress(state, base, **make_golden.OPTIONS).to_bytes()
+    assert major(data) == fmt.MAJOR_VERSION == 2
+    if zlib.ZLIB_RUNTIME_VERSION == info["zlib"]:
+        assert data == stored, "compress() no longer writes golden_v2.lct: this means bumping the format version"
+    offset = footer(stored)[0]
+    assert footer(data)[0] == offset and data[:offset] == stored[:offset]
+    assert read_index(data) == read_index(stored)
+
+
+def test_golden_v2_decodes_bit_exactly(golden, golden_expected, golden_v2, tmp_path):
+    _, base, _, _ = golden
+    data, info = golden_v2
+    assert_same(lctriton.decompress(data, base=base), golden_expected)
+    path = tmp_path / "golden_v2.lct"
+    path.write_bytes(data)
+    assert make_golden.expected_digests(lctriton.load(path, base=base)) == info["tensors"]
+    report = lctriton.inspect(path)
+    assert report["version"] == "2.0" and report["nbytes"] == len(data)
+    assert {t["name"]: t["codec"] for t in report["tensors"]} == info["codecs"]
+
+
+def test_either_version_converts_to_the_other(golden, golden_v2):
+    """``to_bytes(format_version=...)`` of a parsed file rewrites it in the other version:
+    readers older than format 2 get golden_v1's bytes back."""
+    _, _, v1, _ = golden
+    v2, _ = golden_v2
+    assert lctriton.Compressed.from_bytes(v2).to_bytes(format_version=1) == v1
+    assert lctriton.Compressed.from_bytes(v1).to_bytes() == v1  # a parsed file keeps its version
+    assert read_index(lctriton.Compressed.from_bytes(v1).to_bytes(format_version=2)) == read_index(v2)
+    with pytest.raises(ValueError, match=r"format_version must be one of \[1, 2\], got 3"):
+        lctriton.Compressed.from_bytes(v1).to_bytes(format_version=3)
+
+
+def test_save_writes_either_version(golden, golden_v2, tmp_path):
+    state, base, v1, _ = golden
+    path = tmp_path / "g.lct"
+    lctriton.save(path, state, base, format_version=1, **make_golden.OPTIONS)
+    assert path.read_bytes() == v1
+    lctriton.save(path, state, base, **make_golden.OPTIONS)
+    assert major(path.read_bytes()) == 2 and read_index(path.read_bytes()) == read_index(golden_v2[0])
+    with pytest.raises(ValueError, match=r"format_version"):
+        lctriton.save(path, state, base, format_version=0)
+    assert major(path.read_bytes()) == 2  # nothing written
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "trailing", "empty"])
+def test_corrupt_deflated_index_is_refused_by_name(golden_v2, damage):
+    """A deflated index under a valid CRC-32 (a deliberate edit) that is not exactly one
+    whole zlib stream is a FormatError naming the stream."""
+    data, _ = golden_v2
+    offset, length = footer(data)
+    blob = data[offset : offset + length]
+    raw = {
+        "garbage": b"\x78\x9c" + bytes(range(40)),
+        "truncated": blob[:-9],
+        "trailing": blob + b"\x00",
+        "empty": b"",
+    }[damage]
+    message = {
+        "garbage": r"not a valid zlib stream",
+        "truncated": r"ends inside its zlib stream",
+        "trailing": r"1 bytes follow the zlib stream",
+        "empty": r"ends inside its zlib stream",
+    }[damage]
+    with pytest.raises(FormatError, match=message):
+        lctriton.inspect(with_index(data, stored=raw))
+
+
+def test_deflated_index_that_expands_past_the_limit_is_refused(golden_v2, monkeypatch):
+    """Inflating stops at MAX_INDEX_BYTES: a small stream that expands without bound (here
+    a valid index padded with spaces) cannot make the reader allocate more."""
+    data, _ = golden_v2
+    text = json.dumps(read_index(data), separators=(",", ":")).encode()
+    bomb = zlib.compress(text + b" " * (1 << 20), 9)
+    assert len(bomb) < 4096
+    lctriton.inspect(with_index(data, stored=zlib.compress(text)))  # the stream itself is fine
+    monkeypatch.setattr(fmt, "MAX_INDEX_BYTES", 1 << 20)
+    with pytest.raises(FormatError, match=r"inflates past the limit of 1048576 bytes"):
+        lctriton.inspect(with_index(data, stored=bomb))
+
 
 
 def test_golden_digest_helper_sees_every_bit():
@@ -874,13 +995,26 @@ def test_wrong_magic(golden):
             lctriton.decompress(flip(data, pos), base=base)
 
 
-@pytest.mark.parametrize("major", [0, 2, 3, 0x100, 0xFFFF])
+@pytest.mark.parametrize("major", [0, 3, 0x100, 0xFFFF])
 def test_unknown_major_version(golden, major):
     _, base, data, _ = golden
     bad = data[:8] + struct.pack("<H", major) + data[10:]
     for call in (lambda: lctriton.decompress(bad, base=base), lambda: lctriton.inspect(bad)):
         with pytest.raises(VersionError, match=rf"version {major}\.0 is not supported"):
             call()
+
+
+def test_major_that_does_not_match_the_index_encoding(golden):
+    """The major says how the index is stored: a plain index under major 2, or a deflated
+    one under major 1, is refused by name (the header is not checksummed)."""
+    state, base, data, _ = golden
+    as_v2 = data[:8] + struct.pack("<H", 2) + data[10:]
+    with pytest.raises(FormatError, match=r"index is not a valid zlib stream"):
+        lctriton.decompress(as_v2, base=base)
+    v2 = lctriton.compress(state, base, **make_golden.OPTIONS).to_bytes()
+    as_v1 = v2[:8] + struct.pack("<H", 1) + v2[10:]
+    with pytest.raises(FormatError, match=r"index is not valid JSON"):
+        lctriton.decompress(as_v1, base=base)
 
 
 def test_newer_minor_version_is_read(golden, golden_expected):
@@ -1380,13 +1514,13 @@ def no_unpickling(monkeypatch):
 def test_loading_never_unpickles(no_unpickling, golden, golden_expected, tmp_path):
     state, base, data, _ = golden
     path = tmp_path / "state.lct"
-    lctriton.save(path, state, base, **make_golden.OPTIONS)
-    assert path.read_bytes() == data
+    lctriton.save(path, state, base, **make_golden.OPTIONS)  # format 2: the index inflated
+    assert major(path.read_bytes()) == 2
     assert_same(lctriton.load(path, base=base), golden_expected)
     assert_same(lctriton.decompress(data, base=base), golden_expected)
     assert_same(lctriton.decompress(bytearray(data), base=base), golden_expected)
     assert_same(lctriton.decompress(memoryview(data), base=base), golden_expected)
-    assert lctriton.inspect(path)["nbytes"] == len(data)
+    assert lctriton.inspect(data)["nbytes"] == len(data)
     key = lctriton.compress(state)  # a key checkpoint: all raw
     assert_same(lctriton.decompress(lctriton.Compressed.from_bytes(key.to_bytes()))["meta"], state["meta"])
     with pytest.raises(FormatError):  # a pickle is foreign input, never unpickled
@@ -1505,10 +1639,10 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch, failure):
     error = KeyboardInterrupt if failure == "interrupt-midway" else OSError
     real_write = fmt.write_container
 
-    def failing_write(out, index, sections):
+    def failing_write(out, index, sections, version=fmt.MAJOR_VERSION):
         buf = io.BytesIO()
-        real_write(buf, index, sections)
-        out.write(buf.getvalue()[:3000])  # part of the file is on disk when it fails
+        real_write(buf, index, sections, version)
+        out.write(buf.getvalue()[:1000])  # part of the file is on disk when it fails
         out.flush()
         raise error("simulated failure while writing")
 
@@ -1591,7 +1725,7 @@ def test_load_corrupt_file_raises_format_error(golden, tmp_path, content):
     _, base, data, _ = golden
     content = {
         "truncated": data[:-1],
-        "bad-major": data[:8] + b"\x02\x00" + data[10:],
+        "bad-major": data[:8] + b"\x03\x00" + data[10:],
         "bad-index-crc": flip(data, footer(data)[0] + 3),
     }.get(content, content)
     path = tmp_path / "bad.lct"
@@ -1647,7 +1781,7 @@ def test_codec_golden_file_is_reproduced_byte_for_byte(stem, make_state, options
     compressed = lctriton.compress(state, base, **options)
     assert {r["name"]: r["codec"] for r in compressed.index["tensors"]} == info["codecs"]
     assert pinned <= set(info["codecs"].values())
-    assert compressed.to_bytes() == data
+    assert compressed.to_bytes(format_version=1) == data
     decoded = lctriton.decompress(data, base=base)
     flat = lctriton.pipeline.flatten_tensors(decoded)
     assert {k: make_golden.tensor_digest(v) for k, v in flat.items()} == info["tensors"]

@@ -24,9 +24,12 @@ from lctriton.testing import assert_bit_exact
 
 
 def with_index(data: bytes, index: dict) -> bytes:
-    """``data`` with its JSON index replaced (sections kept, checksums and footer valid)."""
+    """``data`` with its JSON index replaced (sections kept, the index deflated as format 2
+    stores it, checksums and footer valid)."""
     index_offset = struct.unpack("<Q", data[-32:-24])[0]
     blob = json.dumps(index, separators=(",", ":")).encode()
+    if struct.unpack_from("<H", data, 8)[0] >= 2:
+        blob = zlib.compress(blob)
     body = struct.pack("<QQI", index_offset, len(blob), zlib.crc32(blob))
     return data[:index_offset] + blob + body + struct.pack("<I8s", zlib.crc32(body), b"LCTEND\r\n")
 

@@ -4,6 +4,7 @@
     python3 tests/data/make_golden.py --rans     # golden_rans_v1 (lc/2, lq/1, bp/1)
     python3 tests/data/make_golden.py --context  # golden_context_v2 (lc/3, lq/2)
     python3 tests/data/make_golden.py --scaled   # golden_scaled_v1 (sq/1)
+    python3 tests/data/make_golden.py --v2       # golden_v2 (golden_v1's state, container 2.0)
 
 The state is built from integer formulas only (no RNG), so it is the same on every machine.
 ``tests/test_format.py`` rebuilds it with :func:`golden_state` and checks that compressing
@@ -12,7 +13,14 @@ stored file restores the values pinned in ``golden_v1.json`` bit for bit.
 
 CHANGING THE BYTES OF golden_v1.lct MEANS BUMPING THE FORMAT VERSION: a reader of format 1.x
 must keep reading every file that was ever written as 1.x. Regenerate only when the change
-is intended, and then write golden_v2.lct alongside (keeping v1 and its test).
+is intended, and then write the next version's file alongside (keeping v1 and its test).
+
+The codec golden files (``golden_rans_v1`` and the others) are container 1.0 files: they pin
+their codecs' bytes, which are the same in both container versions, and the writer still
+reproduces them with ``format_version=1``. ``golden_v2.lct`` is the container 2.0 file of
+golden_v1's state: the same header but for the major, the same sections, and the same index
+text deflated. zlib builds may deflate the same text to other bytes, so
+``golden_v2.json`` records the zlib version that wrote it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ GOLDEN_RANS_JSON = HERE / "golden_rans_v1.json"
 #: sq/1 (Adam first moments in units of sqrt(v)) and the lq/1 second moment it reads.
 GOLDEN_SCALED_LCT = HERE / "golden_scaled_v1.lct"
 GOLDEN_SCALED_JSON = HERE / "golden_scaled_v1.json"
+#: Container 2.0 (deflated index) of golden_v1's state.
+GOLDEN_V2_LCT = HERE / "golden_v2.lct"
+GOLDEN_V2_JSON = HERE / "golden_v2.json"
 
 #: Fixed codec options of the golden file (every option spelled out, defaults included).
 #: The v1 file predates rANS, log-coded moments and byte planes: those are pinned off.
@@ -242,7 +253,7 @@ def expected_digests(decoded: dict) -> dict:
 def _write_codec_golden(lctriton, state_fn, options: dict, lct: pathlib.Path, js: pathlib.Path, codecs_pinned: str) -> None:
     state, base = state_fn()
     compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **options)
-    data = compressed.to_bytes()
+    data = compressed.to_bytes(format_version=1)
     decoded = lctriton.decompress(data, base=base)
     flat = lctriton.pipeline.flatten_tensors
     digests = {k: tensor_digest(v) for k, v in flat(decoded).items()}
@@ -279,7 +290,27 @@ def main() -> int:
         return 0
     state, base = golden_state()
     compressed, reconstruction = lctriton.compress(state, base, return_reconstruction=True, **OPTIONS)
-    data = compressed.to_bytes()
+    if "--v2" in sys.argv:
+        import zlib
+
+        data = compressed.to_bytes(format_version=2)
+        decoded = lctriton.decompress(data, base=base)
+        assert expected_digests(decoded) == expected_digests(reconstruction)
+        GOLDEN_V2_LCT.write_bytes(data)
+        info = {
+            "comment": "Expected decode of golden_v2.lct (see make_golden.py): golden_v1's state "
+            "in container format 2.0. Changing golden_v2.lct means bumping the format version.",
+            "format_version": "2.0",
+            "zlib": zlib.ZLIB_RUNTIME_VERSION,
+            "nbytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "codecs": {rec["name"]: rec["codec"] for rec in compressed.index["tensors"]},
+            "tensors": expected_digests(decoded),
+        }
+        GOLDEN_V2_JSON.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {GOLDEN_V2_LCT} ({len(data)} bytes) and {GOLDEN_V2_JSON}")
+        return 0
+    data = compressed.to_bytes(format_version=1)
     decoded = lctriton.decompress(data, base=base)
     for name, digest in expected_digests(reconstruction).items():
         assert expected_digests(decoded)[name] == digest, name
