@@ -57,6 +57,13 @@ Eight codecs exist (``docs/format.md`` has every field):
     ``lq/1``'s relative bins spend as many bits on elements whose step is negligible. Levels
     are rANS-coded as in ``lc/2``; the record names the second moment, decoded first.
 
+``sq/2``
+    ``sq/1``'s levels, grouped as ``lc/3`` groups its symbols, by the context the base's
+    moments of the same parameter give (``reference.moment_contexts`` of the base's first
+    and second moment): the sign and octave of ``m / sqrt(v)`` in the base predict those of
+    the next level while gradients keep their direction, early in training above all. The
+    record has ``sq/1``'s fields (but for the single table) and ``lc/3``'s context fields.
+
 Planning the buckets and the Huffman code uses the histogram of pass 1 only: the data never
 comes back to the host between the passes.
 """
@@ -85,6 +92,7 @@ __all__ = [
     "LQ",
     "LQ2",
     "SQ",
+    "SQ2",
     "BP",
     "plan_log_buckets",
     "encode_lq",
@@ -112,15 +120,20 @@ BP = "bp/1"
 LC3 = "lc/3"
 LQ2 = "lq/2"
 SQ = "sq/1"
+SQ2 = "sq/2"
 #: Codecs whose symbols are one rANS stream.
 RANS_CODECS = (LC2, LQ, SQ)
 #: Codecs whose symbols are grouped by a context read from the base, one rANS stream each.
-CONTEXT_CODECS = (LC3, LQ2)
-ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ, LQ2, SQ)
+CONTEXT_CODECS = (LC3, LQ2, SQ2)
+#: Codecs of first moments in units of ``sqrt(v)``: their records name a norm, decoded first.
+SCALED_CODECS = (SQ, SQ2)
+#: Codecs whose contexts are :func:`reference.moment_contexts` of two base tensors they name.
+MOMENT_CONTEXT_CODECS = (LC3, SQ2)
+ALL_CODECS = (RAW, BP, LC, LC2, LC3, LQ, LQ2, SQ, SQ2)
 #: Codecs that code a floating tensor lossily.
-LOSSY_CODECS = (LC, LC2, LC3, LQ, LQ2, SQ)
+LOSSY_CODECS = (LC, LC2, LC3, LQ, LQ2, SQ, SQ2)
 #: Codecs whose records name a base.
-DELTA_CODECS = (LC, LC2, LC3, LQ, LQ2, SQ, BP)
+DELTA_CODECS = (LC, LC2, LC3, LQ, LQ2, SQ, SQ2, BP)
 #: Mantissa bits of an lq/1 bin: 2**precision bins per octave.
 MAX_LOG_PRECISION = 4
 #: With ``coder="auto"``, rANS is used where it saves at least this fraction of the Huffman
@@ -778,7 +791,7 @@ def encode_lq(
         symbols, recon, nonfinite = backend.lq_symbols(
             x, b, scale, torch.from_numpy(plan.key_to_symbol).to(dev), torch.from_numpy(reps).to(dev)
         )
-        counts = torch.bincount(symbols, minlength=reps.size).cpu().numpy()
+        counts = None  # lq/1's table, counted below only where the tensor stays lq/1
     record = {
         "codec": LQ,
         "dtype": DTYPE_NAMES[x.dtype],
@@ -801,6 +814,8 @@ def encode_lq(
         record.update(codec=LQ2, offset=offset, tables=tables)
         parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
     else:
+        if counts is None:
+            counts = torch.bincount(symbols, minlength=reps.size).cpu().numpy()
         freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
         del symbols
         record.update(freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
@@ -817,6 +832,19 @@ def encode_lq(
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
 
 
+def _scaled_contexts_pay(symbols: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], nsym: int, chunk_symbols: int) -> bool:
+    """Whether ``sq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``sq/1``'s payload, as
+    the :data:`SCALE_SAMPLE` strided elements (all, for a smaller tensor) estimate it, both
+    priced at the sample's entropies scaled to the tensor, tables as written. Deciding on the
+    sample keeps the full context pass off moments that stay ``sq/1`` (late in training most
+    levels are 0 and a single table is as good)."""
+    sym = _strided(symbols).cpu()
+    ctx = backend.moment_contexts(_strided(moments[0]), _strided(moments[1])).cpu()
+    joint = backend.context_histogram(ctx, sym, nsym).numpy() * (symbols.numel() / sym.numel())
+    grouped = _context_bits(joint, chunk_symbols)
+    return grouped <= (1.0 - CONTEXT_MIN_SAVING) * _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+
+
 def encode_sq(
     tensor: torch.Tensor,
     base: torch.Tensor,
@@ -825,9 +853,12 @@ def encode_sq(
     precision: int,
     chunk_symbols: int,
     fingerprint: Callable[[torch.Tensor], str] = base_fingerprint,
+    context: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]] | None = None,
+    coder: str = "auto",
 ) -> EncodedTensor:
-    """Code a float32 first moment with ``sq/1``: levels of ``2**-precision`` units of the
-    square root of its second moment, rANS-coded.
+    """Code a float32 first moment with ``sq/1``, or ``sq/2`` where the base's moments give
+    contexts that pay: levels of ``2**-precision`` units of the square root of its second
+    moment, rANS-coded.
 
     Args:
         tensor: The first moment (float32).
@@ -840,7 +871,13 @@ def encode_sq(
             states and costs more CPU time than the rest of the pass.)
         precision: Levels per unit: ``2**precision``.
         chunk_symbols: Symbols per rANS chunk.
-        fingerprint: Fingerprints the base for the record.
+        fingerprint: Fingerprints the base (and the context's tensor) for the record.
+        context: ``((name, exp_avg), (name, exp_avg_sq))``: the base's moments of the
+            parameter (the first is ``base`` itself), which give ``sq/2``'s contexts; None
+            codes ``sq/1``.
+        coder: ``"context"`` codes ``sq/2`` wherever ``context`` is given; ``"auto"`` where
+            that saves at least :data:`CONTEXT_MIN_SAVING` of ``sq/1``'s payload, by a
+            sample; any other coder codes ``sq/1``.
 
     Returns:
         The encoded tensor with its reconstruction.
@@ -856,11 +893,9 @@ def encode_sq(
     n = norm_tensor.detach().to(dev).contiguous()
     scale = _valid_scale(scale, 1.0)
     symbols, reach, recon, exceptional = backend.sq_symbols(x, b, scale, n, precision)
+    nsym = 2 * reach + 1
     exc_index = torch.nonzero(exceptional).reshape(-1)
     exc_values = x.reshape(-1)[exc_index.to(dev)]
-    counts = torch.bincount(symbols, minlength=2 * reach + 1).cpu().numpy()
-    freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
-    del symbols
     record = {
         "codec": SQ,
         "dtype": DTYPE_NAMES[x.dtype],
@@ -870,14 +905,36 @@ def encode_sq(
         "reach": reach,
         "norm": norm_name,
         "chunk": chunk_symbols,
-        "freqs": freqs.tolist(),
-        "fill": fill,
-        "words": int(words.numel()),
-        "exceptions": int(exc_index.numel()),
-        "bound": math.ldexp(1.0, -precision - 1),
-        "base": fingerprint(b),
     }
-    parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
+    moments = None
+    if context is not None and x.numel() and coder in ("auto", "context"):
+        moments = tuple(t.detach().to(dev).contiguous() for _, t in context)
+        if any(t.numel() != x.numel() or not t.is_floating_point() for t in moments):
+            raise ValueError(f"the contexts of an sq/2 first moment must be floating tensors of {x.numel()} elements")
+        if coder == "auto" and not _scaled_contexts_pay(symbols, moments, nsym, chunk_symbols):
+            moments = None
+    if moments is not None:
+        contexts = backend.moment_contexts(*moments)
+        joint = backend.context_histogram(contexts, symbols, nsym).cpu().numpy()
+        tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+        del symbols, contexts
+        record.update(
+            codec=SQ2,
+            context=[{"name": tensor_name, "base": fingerprint(t)} for tensor_name, t in context],
+            tables=tables,
+        )
+        parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
+    else:
+        counts = torch.bincount(symbols, minlength=nsym).cpu().numpy()
+        freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
+        del symbols
+        record.update(freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
+        parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
+    record.update(
+        exceptions=int(exc_index.numel()),
+        bound=math.ldexp(1.0, -precision - 1),
+        base=fingerprint(b),
+    )
     parts += [exc_index.cpu().numpy(), _as_bytes_array(exc_values)]
     return EncodedTensor(record, parts, recon.view(x.shape), ready)
 
@@ -1050,8 +1107,8 @@ def validate_record(record: Any, name: str) -> tuple[torch.dtype, tuple[int, ...
         _base_field(record, name)
     if codec in (LC2, LQ):
         _validate_rans_record(record, name, codec, dtype_name, numel)
-    elif codec == SQ:
-        _validate_sq_record(record, name, numel)
+    elif codec in SCALED_CODECS:
+        _validate_sq_record(record, name, codec, numel)
     elif codec in CONTEXT_CODECS:
         _validate_context_record(record, name, codec, dtype_name, numel)
     elif codec == BP:
@@ -1147,27 +1204,46 @@ def _stream_fields(record: dict, name: str, nsym: int, numel: int, nullable_boun
     _base_field(record, name)
 
 
-def _validate_sq_record(record: dict, name: str, numel: int) -> None:
+def _validate_sq_record(record: dict, name: str, codec: str, numel: int) -> None:
     if record["dtype"] != "float32":
-        raise _fail(name, f"codec {SQ} cannot hold dtype {record['dtype']}")
+        raise _fail(name, f"codec {codec} cannot hold dtype {record['dtype']}")
     _chunk(record, name)
     _int(record, "precision", name, 0, MAX_LOG_PRECISION)
     _float32_field(record, "scale", name)
     reach = _int(record, "reach", name, 0, reference.SQ_REACH)
     if not isinstance(record.get("norm"), str) or record["norm"] == name:
         raise _fail(name, "'norm' must name another tensor of the state (its second moment)")
-    _stream_fields(record, name, 2 * reach + 1, numel, nullable_bound=False)
+    if codec == SQ:
+        _stream_fields(record, name, 2 * reach + 1, numel, nullable_bound=False)
+    else:
+        _context_refs(record, name)
+        _context_tables(record, name, NUM_CONTEXTS, 2 * reach + 1, numel)
+        _int(record, "exceptions", name, 0, numel)
+        _bound_field(record, name, nullable=False)
+        _base_field(record, name)
     if record["base"] is None:
-        raise _fail(name, f"codec {SQ} codes a delta: 'base' must name one")
+        raise _fail(name, f"codec {codec} codes a delta: 'base' must name one")
 
 
 def _validate_context_record(record: dict, name: str, codec: str, dtype_name: str, numel: int) -> None:
     reps = _symbol_fields(record, name, codec, dtype_name)
-    ncontexts = NUM_CONTEXTS if codec == LC3 else NUM_BINADE_CONTEXTS
     if codec == LQ2:
         _int(record, "offset", name, 0, reference.MAX_BINADE_OFFSET)
+    else:
+        _context_refs(record, name)
+    _context_tables(record, name, NUM_CONTEXTS if codec == LC3 else NUM_BINADE_CONTEXTS, len(reps), numel)
+    _int(record, "exceptions", name, 0, numel)
+    _bound_field(record, name, nullable=codec == LQ2)
+    _base_field(record, name)
+    if record["base"] is None:
+        raise _fail(name, f"codec {codec} codes a delta: 'base' must name one")
+
+
+def _context_refs(record: dict, name: str) -> None:
+    """The ``context`` field of ``lc/3`` and ``sq/2``: the base's two moments, by name and
+    fingerprint."""
     context = record.get("context")
-    if codec == LC3 and not (
+    if not (
         isinstance(context, list)
         and len(context) == 2
         and all(
@@ -1177,6 +1253,11 @@ def _validate_context_record(record: dict, name: str, codec: str, dtype_name: st
         )
     ):
         raise _fail(name, "'context' must list two {'name', 'base'} objects (the base's moments)")
+
+
+def _context_tables(record: dict, name: str, ncontexts: int, nsym: int, numel: int) -> None:
+    """The ``tables`` of a context-coded record: one per context, each empty, a fill or a
+    rANS table of ``nsym`` symbols with its word count; their counts sum to ``numel``."""
     tables = record.get("tables")
     if not isinstance(tables, list) or len(tables) != ncontexts:
         raise _fail(name, f"'tables' must list {ncontexts} context tables")
@@ -1193,13 +1274,13 @@ def _validate_context_record(record: dict, name: str, codec: str, dtype_name: st
             fill = table["fill"]
             if set(table) != {"count", "fill"}:
                 raise _fail(name, f"context table {c}: a fill has no 'freqs' or 'words'")
-            if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < len(reps):
-                raise _fail(name, f"context table {c}: 'fill' must be a symbol below {len(reps)}, got {fill!r}")
+            if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < nsym:
+                raise _fail(name, f"context table {c}: 'fill' must be a symbol below {nsym}, got {fill!r}")
         else:
             if set(table) != {"count", "freqs", "words"}:
                 raise _fail(name, f"context table {c} must hold 'freqs' and 'words'")
             try:
-                freqs = rans.validate_frequencies(table["freqs"], len(reps))
+                freqs = rans.validate_frequencies(table["freqs"], nsym)
             except ValueError as exc:
                 raise _fail(name, f"context table {c}: {exc}") from None
             if rans.fill_symbol(freqs) is not None:
@@ -1207,11 +1288,6 @@ def _validate_context_record(record: dict, name: str, codec: str, dtype_name: st
             _int(table, "words", name)
     if total != numel:
         raise _fail(name, f"the context tables count {total} elements, the tensor has {numel}")
-    _int(record, "exceptions", name, 0, numel)
-    _bound_field(record, name, nullable=codec == LQ2)
-    _base_field(record, name)
-    if record["base"] is None:
-        raise _fail(name, f"codec {codec} codes a delta: 'base' must name one")
 
 
 def _validate_planes(record: dict, name: str, dtype_name: str, numel: int) -> None:

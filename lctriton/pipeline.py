@@ -467,6 +467,15 @@ def encode_states(
             return pair
         return None
 
+    def scaled_context(k: int, name: str, b: torch.Tensor):
+        """The base's moments of the parameter whose first moment ``name`` is (its base ``b``
+        and the base's second moment beside it), for sq/2; None when the base lacks them."""
+        second_name = name + _SECOND_MOMENT_SUFFIX
+        second = bases[k].get(second_name)
+        if second is None or not second.is_floating_point() or second.numel() != b.numel():
+            return None
+        return (name, b), (second_name, second)
+
     positions = [{name: i for i, (name, _) in enumerate(flat.tensors)} for flat in flats]
 
     def norm_job(job: tuple[int, int]) -> tuple[int, int] | None:
@@ -510,7 +519,7 @@ def encode_states(
         if norm is not None:
             encoded = codecs.encode_sq(
                 tensor, b, norm, decays[k].get(name, 1.0), options.scaled_precision, options.chunk_symbols,
-                fingerprint,
+                fingerprint, scaled_context(k, name, b), options.coder,
             )
         elif moment:
             encoded = codecs.encode_lq(
@@ -811,8 +820,8 @@ def _context_of(
     fingerprint: Callable[[torch.Tensor], str],
     computed: tuple[torch.Tensor, list[int]] | None = None,
 ) -> torch.Tensor:
-    """The contexts of an lc/3 record's elements, from the base's moments it names (checked
-    against their fingerprints), or of an lq/2 record's, from its own base ``b`` (checked
+    """The contexts of an lc/3 or sq/2 record's elements, from the base's moments it names
+    (checked against their fingerprints), or of an lq/2 record's, from its own base ``b`` (checked
     already); then checked against the record's context counts. ``computed``: the contexts
     and their counts, computed ahead from the same tensors (:func:`_prefetch_base_work`); the
     checks run all the same."""
@@ -836,7 +845,7 @@ def _context_moments(
     dev: str,
     fingerprint: Callable[[torch.Tensor], str],
 ) -> list[torch.Tensor]:
-    """The base's moments an lc/3 record names, checked against their fingerprints."""
+    """The base's moments an lc/3 or sq/2 record names, checked against their fingerprints."""
     moments = []
     for ref in rec["context"]:
         t = base_tensors.get(ref["name"])
@@ -858,21 +867,22 @@ def _context_moments(
 def _norm_index(
     rec: dict, name: str, numel: int, records: list[dict], shapes: list[tuple], positions: dict[str, int]
 ) -> int:
-    """The index of the record an sq/1 record names as its second moment: another float32
-    tensor of as many elements, itself not sq/1 (so that every norm is decoded first)."""
+    """The index of the record an sq/1 or sq/2 record names as its second moment: another
+    float32 tensor of as many elements, itself neither (so that every norm is decoded first)."""
     j = positions.get(rec["norm"])
     if j is None:
         raise FormatError(f"tensor {name!r} is coded against tensor {rec['norm']!r}, which the file lacks")
     dtype, _, count = shapes[j]
-    if dtype != torch.float32 or count != numel or records[j]["codec"] == codecs.SQ:
+    if dtype != torch.float32 or count != numel or records[j]["codec"] in codecs.SCALED_CODECS:
         raise FormatError(
             f"tensor {name!r}: its norm {rec['norm']!r} is not a float32 tensor of {numel} elements coded before it"
         )
     return j
 
 
-def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values):
-    """What turns an lc/3 or lq/2 record's per-context symbols into its tensor."""
+def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values, norm=None):
+    """What turns an lc/3, lq/2 or sq/2 record's per-context symbols into its tensor
+    (``norm``: for sq/2, returns its second moment, decoded before it)."""
 
     def finish(symbols: list[torch.Tensor]) -> torch.Tensor:
         device = torch.device(dev)
@@ -888,6 +898,10 @@ def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_
         if rec["codec"] == codecs.LQ2:
             scale = float(np.uint32(rec["scale"]).view(np.float32))
             out = backend.lq_reconstruct(sym, reps.to(device), b.reshape(-1), scale, dtype).to(device)
+        elif rec["codec"] == codecs.SQ2:
+            scale = float(np.uint32(rec["scale"]).view(np.float32))
+            out = backend.sq_reconstruct(sym, rec["reach"], rec["precision"], b.reshape(-1).to(device), scale, norm())
+            out = out.to(device)
         else:
             out = backend.lc_reconstruct(sym, reps.to(device), b.reshape(-1), dtype).to(device)
         _apply_exceptions(out, exc_index, exc_values, dtype)
@@ -961,7 +975,7 @@ def _prefetch_base_work(
 ) -> dict[int, tuple[torch.Tensor, list[int]]]:
     """Compute, on the CPU coding threads, what the checks in index order need from CPU base
     tensors: the fingerprint of every base tensor the records name (into ``fingerprint``'s
-    cache) and the contexts and context counts of every ``lc/3`` and ``lq/2`` record.
+    cache) and the contexts and context counts of every ``lc/3``, ``lq/2`` and ``sq/2`` record.
 
     The checks stay in the calling thread, in index order, and still raise; they only find
     the work done. Records whose base tensors are missing or do not fit are left to them.
@@ -983,7 +997,7 @@ def _prefetch_base_work(
 
     names = {rec["name"] for rec in records if rec.get("base") is not None}
     names |= {ref["name"] for rec in records for ref in rec.get("context") or ()}
-    # (elements, job): fingerprints first, then the contexts of lq/2 and lc/3 records.
+    # (elements, job): fingerprints first, then the contexts of lq/2, lc/3 and sq/2 records.
     jobs: list[tuple[int, Callable[[], object]]] = [
         (base_tensors[n].numel(), functools.partial(fingerprint, base_tensors[n]))
         for n in sorted(names) if on_cpu(base_tensors.get(n))
@@ -993,7 +1007,7 @@ def _prefetch_base_work(
             b = base_tensors.get(rec["name"])
             if on_cpu(b) and tuple(b.shape) == shape and b.dtype == dtype:
                 jobs.append((numel, functools.partial(contexts_of, i, backend.binade_contexts, b, rec["offset"])))
-        elif rec["codec"] == codecs.LC3:
+        elif rec["codec"] in codecs.MOMENT_CONTEXT_CODECS:
             # Decoded where the record's own base lives: only CPU records are computed here.
             own = base_tensors.get(rec["name"]) if rec["base"] is not None else None
             moments = [base_tensors.get(ref["name"]) for ref in rec["context"]]
@@ -1044,7 +1058,7 @@ def decode_state(
     positions = {rec["name"]: i for i, rec in enumerate(records)}
     base_tensors = flatten_tensors(base) if base is not None else {}
     # A base moment is checked twice: as its own record's base and as a context of its
-    # parameter's lc/3 record.
+    # parameter's lc/3 and sq/2 records.
     fingerprint = codecs.FingerprintCache()
     computed_contexts = _prefetch_base_work(records, shapes, base_tensors, fingerprint)
     target = torch.device(device) if device is not None else None
@@ -1101,8 +1115,9 @@ def decode_state(
         if exc_index.size > 1 and not bool((exc_index[1:] > exc_index[:-1]).all()):
             raise FormatError(f"tensor {name!r}: exception indices are not strictly increasing")
         norm = reps = None
-        if rec["codec"] == codecs.SQ:
-            norm = _norm_index(rec, name, numel, records, shapes, positions)
+        if rec["codec"] in codecs.SCALED_CODECS:
+            # The decoded second moment, read when sq records finish (last).
+            norm = functools.partial(tensors.__getitem__, _norm_index(rec, name, numel, records, shapes, positions))
         else:
             reps = torch.from_numpy(np.array(rec["reps"], dtype=np.uint32).view(np.float32))
         if rec["codec"] in codecs.CONTEXT_CODECS:
@@ -1114,7 +1129,7 @@ def decode_state(
                     words = _part(view, layout, name, f"context{c}_stream", np.dtype(np.uint16))
                     streams.append(add_stream(rec, cw, words, table["count"], table["freqs"], dev))
             finishers.append(
-                (i, streams, _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values))
+                (i, streams, _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values, norm))
             )
             continue
         if rec["codec"] in codecs.RANS_CODECS:
@@ -1123,8 +1138,6 @@ def decode_state(
             if rec["fill"] is not None and cw.any():
                 raise FormatError(f"tensor {name!r}: a fill must not have a stream")
             streams = [] if rec["fill"] is not None else [add_stream(rec, cw, words, numel, rec["freqs"], dev)]
-            if norm is not None:  # the decoded tensor, read when sq/1 records finish (last)
-                norm = functools.partial(tensors.__getitem__, norm)
             finishers.append(
                 (i, streams, _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, norm))
             )
@@ -1184,8 +1197,8 @@ def decode_state(
                     finished(i, out)
     if finishers:
         symbols = _decode_rans(rans_items, records, finishers)
-        # sq/1 records last: each reads the second moment another record decodes.
-        for i, streams, finish in sorted(finishers, key=lambda f: records[f[0]]["codec"] == codecs.SQ):
+        # sq records last: each reads the second moment another record decodes.
+        for i, streams, finish in sorted(finishers, key=lambda f: records[f[0]]["codec"] in codecs.SCALED_CODECS):
             finished(i, finish([symbols[k] for k in streams]))
     for i, rec in enumerate(records):
         t = tensors[i]

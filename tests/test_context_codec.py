@@ -401,10 +401,11 @@ def test_binade_coding_is_chosen_where_it_pays(binade_states):
     assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.LQ}
     # The default coder keeps lq/1 (on CPU the grouping costs more time than it saves bytes).
     assert set(_moment_codecs(lctriton.compress(state, base=base, moments="log")).values()) == {codecs.LQ}
-    # By default the first moment is sq/1 (its second moment is beside it); the second
-    # moment is still lq/2 where that pays.
+    # By default the first moment is scaled (its second moment is beside it), and with
+    # coder="context" grouped by the base's moments (sq/2); the second moment is still lq/2
+    # where that pays.
     used = _moment_codecs(lctriton.compress(state, base=base, coder="context"))
-    assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.SQ}
+    assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.SQ2}
 
 
 def test_binade_coding_changes_no_value_and_decodes_bit_exactly(binade_states):

@@ -1768,13 +1768,15 @@ def test_decompress_rejects_other_types():
         ("golden_rans_v1", make_golden.golden_rans_state, make_golden.RANS_OPTIONS, {codecs.LC2, codecs.LQ, codecs.BP}),
         ("golden_context_v2", make_golden.golden_context_state, make_golden.CONTEXT_OPTIONS, {codecs.LC3, codecs.LQ2}),
         ("golden_scaled_v1", make_golden.golden_scaled_state, make_golden.SCALED_OPTIONS, {codecs.SQ, codecs.LQ}),
+        ("golden_scaled_context_v1", make_golden.golden_scaled_state, make_golden.SCALED_CONTEXT_OPTIONS,
+         {codecs.SQ2, codecs.LQ2}),
     ],
-    ids=["rans", "context", "scaled"],
+    ids=["rans", "context", "scaled", "scaled-context"],
 )
 def test_codec_golden_file_is_reproduced_byte_for_byte(stem, make_state, options, pinned):
     """The bytes of lc/2, lq/1 and bp/1 (golden_rans_v1), of lc/3 and lq/2
-    (golden_context_v2) and of sq/1 (golden_scaled_v1) are pinned: a change here breaks
-    every file written."""
+    (golden_context_v2), of sq/1 (golden_scaled_v1) and of sq/2 (golden_scaled_context_v1)
+    are pinned: a change here breaks every file written."""
     state, base = make_state()
     data = (DATA / f"{stem}.lct").read_bytes()
     info = json.loads((DATA / f"{stem}.json").read_text())

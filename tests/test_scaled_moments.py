@@ -359,16 +359,17 @@ def test_options_are_checked():
 def scaled_file():
     first, second = _adam_states()
     _, base = lctriton.compress(first, return_reconstruction=True)
-    # min_numel 16: the linear layer's first moment is coded too, so the file has two sq/1 records.
-    data = lctriton.compress(second, base=base, first_moment="scaled", min_numel=16).to_bytes()
+    # min_numel 16: the linear layer's first moment is coded too, so the file has two sq/1
+    # records (coder "rans": never grouped into sq/2).
+    data = lctriton.compress(second, base=base, first_moment="scaled", min_numel=16, coder="rans").to_bytes()
     return data, base
 
 
-def _edit(data, change):
-    """``data`` with its sq/1 record changed by ``change(record, index)``."""
+def _edit(data, change, codec=codecs.SQ):
+    """``data`` with its first ``codec`` record changed by ``change(record, index)``."""
     index = lctriton.Compressed.from_bytes(data).index
     index = json.loads(json.dumps(index))
-    rec = next(r for r in index["tensors"] if r["codec"] == codecs.SQ)
+    rec = next(r for r in index["tensors"] if r["codec"] == codec)
     change(rec, index)
     return with_index(data, index)
 
@@ -417,14 +418,159 @@ def test_wrong_base_is_still_detected(scaled_file):
         lctriton.decompress(data, base=other)
 
 
+# --------------------------------------------------------------------------- sq/2: contexts
+
+
+def test_sq2_codes_sq1_levels_grouped_by_the_base_moments():
+    """sq/2 changes only the coding: the same levels as sq/1, so the same reconstruction bit
+    for bit, decoded from the file; the record names the base's two moments."""
+    first, second = _adam_states(steps_between=6)
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    grouped, recon = lctriton.compress(second, base=base, coder="context", min_numel=16, return_reconstruction=True)
+    single, recon_single = lctriton.compress(second, base=base, coder="rans", min_numel=16, return_reconstruction=True)
+    flat, flat_single = lctriton.pipeline.flatten_tensors(recon), lctriton.pipeline.flatten_tensors(recon_single)
+    restored = lctriton.pipeline.flatten_tensors(lctriton.decompress(grouped.to_bytes(), base=base))
+    scaled = {n: r for n, r in _records(grouped).items() if r["codec"] == codecs.SQ2}
+    assert set(scaled) == {"optimizer.state.0.exp_avg", "optimizer.state.1.exp_avg"}
+    base_flat = lctriton.pipeline.flatten_tensors(base)
+    for name, rec in scaled.items():
+        assert _records(single)[name]["codec"] == codecs.SQ
+        assert_bit_exact(flat[name], flat_single[name], name)
+        assert_bit_exact(restored[name], flat[name], name)
+        assert [ref["name"] for ref in rec["context"]] == [name, name + "_sq"]
+        assert [ref["base"] for ref in rec["context"]] == [
+            codecs.base_fingerprint(base_flat[name]), codecs.base_fingerprint(base_flat[name + "_sq"])]
+        assert len(rec["tables"]) == codecs.NUM_CONTEXTS and rec["reach"] >= 1
+
+
+def _persistent_state(predictable: bool):
+    """An Adam state and its base 20 steps before: a 64x64 parameter whose first moment keeps
+    its sign and size relative to ``sqrt(v)`` (``predictable``: what sq/2's contexts model,
+    as while gradients keep their direction) or takes levels unrelated to its base."""
+    i = torch.arange(4096)
+    v_base = torch.pow(2.0, -((i * 7) % 20 + 10).to(torch.float32))
+    unit = v_base.sqrt()
+    ratio = torch.pow(2.0, ((i * 5) % 6 - 4).to(torch.float32)) * torch.where(i % 3 == 0, -1.0, 1.0)
+    m_base = ratio * unit
+    v = v_base * 1.01
+    noise = ((((i * 2654435761) % 4093) / 4093.0 - 0.5) * 6).to(torch.float32)
+    m = (ratio * 0.8 if predictable else noise) * v.sqrt()
+
+    def state(step, m, v):
+        return {"model": {"w": torch.zeros(64, 64)}, "optimizer": {
+            "state": {0: {"step": torch.tensor(float(step)), "exp_avg": m.reshape(64, 64), "exp_avg_sq": v.reshape(64, 64)}},
+            "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]}}
+
+    return state(40.0, m, v), state(20.0, m_base, v_base)
+
+
+@pytest.mark.parametrize("predictable", [True, False])
+def test_auto_groups_first_moments_where_it_pays(predictable):
+    state, base = _persistent_state(predictable)
+    auto = lctriton.compress(state, base=base)
+    codec = _records(auto)["optimizer.state.0.exp_avg"]["codec"]
+    assert codec == (codecs.SQ2 if predictable else codecs.SQ)
+    single = lctriton.compress(state, base=base, coder="rans")
+    grouped = lctriton.compress(state, base=base, coder="context")
+    assert _records(grouped)["optimizer.state.0.exp_avg"]["codec"] == codecs.SQ2
+
+    def first_moment_bytes(c):
+        return next(t["stored_nbytes"] for t in lctriton.inspect(c)["tensors"] if t["name"].endswith("exp_avg"))
+
+    if predictable:
+        assert first_moment_bytes(grouped) < 0.5 * first_moment_bytes(single)
+    for c in (auto, single, grouped):
+        restored = lctriton.pipeline.flatten_tensors(lctriton.decompress(c.to_bytes(), base=base))
+        assert_bit_exact(restored["optimizer.state.0.exp_avg"],
+                         lctriton.pipeline.flatten_tensors(lctriton.compress(state, base=base, return_reconstruction=True)[1])["optimizer.state.0.exp_avg"])
+
+
+@pytest.fixture(scope="module")
+def scaled_context_file():
+    first, second = _adam_states(steps_between=6)
+    _, base = lctriton.compress(first, return_reconstruction=True)
+    data = lctriton.compress(second, base=base, coder="context", min_numel=16).to_bytes()
+    return data, base
+
+
+def _first_coded_table(rec):
+    return next(t for t in rec["tables"] if "freqs" in t)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r, i: r.pop("norm"), r"'norm' must name another tensor"),
+        (lambda r, i: r.update(norm="optimizer.state.9.exp_avg_sq"), r"which the file lacks"),
+        (lambda r, i: r["context"].pop(), r"'context' must list two"),
+        (lambda r, i: r["context"][1].update(base="xyz"), r"'context' must list two"),
+        (lambda r, i: r["tables"].pop(), r"'tables' must list 48 context tables"),
+        (lambda r, i: r.update(reach=r["reach"] + 1), r"context table \d+: 'freqs' must list"),
+        (lambda r, i: _first_coded_table(r).update(count=_first_coded_table(r)["count"] + 1),
+         r"context tables count \d+ elements"),
+        (lambda r, i: r["tables"].__setitem__(
+            next(c for c, t in enumerate(r["tables"]) if t["count"]), {"count": next(t["count"] for t in r["tables"] if t["count"]), "fill": 2 * r["reach"] + 1}),
+         r"'fill' must be a symbol below"),
+        (lambda r, i: r.update(precision=5), r"'precision'"),
+        (lambda r, i: r.update(base=None), r"'base' must name one"),
+    ],
+    ids=["no-norm", "norm-missing", "one-context", "context-fingerprint", "tables", "reach-vs-freqs",
+         "counts", "fill", "precision", "no-base"],
+)
+def test_bad_sq2_records_are_format_errors(scaled_context_file, change, message):
+    data, base = scaled_context_file
+    with pytest.raises(FormatError, match=message):
+        lctriton.decompress(_edit(data, change, codecs.SQ2), base=base)
+
+
+def test_sq2_contexts_are_checked_against_the_base(scaled_context_file):
+    """A base whose second moment differs is refused by name (the contexts come from it),
+    and so are context tables that do not count the base's contexts."""
+    data, base = scaled_context_file
+    other = copy.deepcopy(base)
+    other["optimizer"]["state"][0]["exp_avg_sq"][3] *= 4
+    with pytest.raises(lctriton.BaseMismatchError, match=r"exp_avg_sq"):
+        lctriton.decompress(data, base=other)
+
+    def move_one_element(rec, index):
+        tables = [t for t in rec["tables"] if t["count"]]
+        tables[0]["count"] -= 1
+        tables[1]["count"] += 1
+
+    with pytest.raises(FormatError):
+        lctriton.decompress(_edit(data, move_one_element, codecs.SQ2), base=base)
+
+
+def test_a_norm_that_is_sq2_is_refused():
+    """Two first moments of the same size, both sq/2: one may not be the other's norm (every
+    norm must decode before the records that read it)."""
+    state, base = _persistent_state(True)
+    for s in (state, base):
+        moments = s["optimizer"]["state"]
+        moments[1] = {k: v.flip(0).clone() for k, v in moments[0].items()}
+        s["optimizer"]["param_groups"][0]["params"] = [0, 1]
+        s["model"]["v"] = torch.zeros(64, 64)
+    data = lctriton.compress(state, base=base, coder="context").to_bytes()
+    assert sum(r["codec"] == codecs.SQ2 for r in _records(lctriton.Compressed.from_bytes(data)).values()) == 2
+
+    def point_at_other_first_moment(rec, index):
+        rec["norm"] = next(r for r in index["tensors"] if r["codec"] == codecs.SQ2 and r is not rec)["name"]
+
+    with pytest.raises(FormatError, match=r"is not a float32 tensor of 4096 elements coded before it"):
+        lctriton.decompress(_edit(data, point_at_other_first_moment, codecs.SQ2), base=base)
+
+
 # --------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
-def test_gpu_scaled_moments_match_cpu_bytes():
+@pytest.mark.parametrize("coder", ["auto", "context"])
+def test_gpu_scaled_moments_match_cpu_bytes(coder):
+    """sq/1 (and with coder="context", sq/2) on CUDA writes the CPU's bytes and decodes them
+    to the CPU's values."""
     first, second = _adam_states(steps_between=6)
     _, base = lctriton.compress(first, return_reconstruction=True)
-    cpu_bytes = lctriton.compress(second, base=base, first_moment="scaled").to_bytes()
+    cpu_bytes = lctriton.compress(second, base=base, first_moment="scaled", coder=coder, min_numel=16).to_bytes()
 
     def cuda(state):
         return {"model": {k: v.cuda() for k, v in state["model"].items()},
@@ -432,7 +578,7 @@ def test_gpu_scaled_moments_match_cpu_bytes():
                     p: {k: v.cuda() for k, v in s.items()} for p, s in state["optimizer"]["state"].items()}}}
 
     gbase = cuda(base)
-    assert lctriton.compress(cuda(second), base=gbase, first_moment="scaled").to_bytes() == cpu_bytes
+    assert lctriton.compress(cuda(second), base=gbase, first_moment="scaled", coder=coder, min_numel=16).to_bytes() == cpu_bytes
     from_gpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=gbase))
     from_cpu = lctriton.pipeline.flatten_tensors(lctriton.decompress(cpu_bytes, base=base))
     for k, v in from_cpu.items():

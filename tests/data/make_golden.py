@@ -4,6 +4,7 @@
     python3 tests/data/make_golden.py --rans     # golden_rans_v1 (lc/2, lq/1, bp/1)
     python3 tests/data/make_golden.py --context  # golden_context_v2 (lc/3, lq/2)
     python3 tests/data/make_golden.py --scaled   # golden_scaled_v1 (sq/1)
+    python3 tests/data/make_golden.py --scaled-context  # golden_scaled_context_v1 (sq/2, lq/2)
     python3 tests/data/make_golden.py --v2       # golden_v2 (golden_v1's state, container 2.0)
 
 The state is built from integer formulas only (no RNG), so it is the same on every machine.
@@ -47,6 +48,9 @@ GOLDEN_RANS_JSON = HERE / "golden_rans_v1.json"
 #: sq/1 (Adam first moments in units of sqrt(v)) and the lq/1 second moment it reads.
 GOLDEN_SCALED_LCT = HERE / "golden_scaled_v1.lct"
 GOLDEN_SCALED_JSON = HERE / "golden_scaled_v1.json"
+#: sq/2 (sq/1's levels grouped by the base's moments), with lq/2 for the second moment.
+GOLDEN_SCALED_CONTEXT_LCT = HERE / "golden_scaled_context_v1.lct"
+GOLDEN_SCALED_CONTEXT_JSON = HERE / "golden_scaled_context_v1.json"
 #: Container 2.0 (deflated index) of golden_v1's state.
 GOLDEN_V2_LCT = HERE / "golden_v2.lct"
 GOLDEN_V2_JSON = HERE / "golden_v2.json"
@@ -194,6 +198,8 @@ def golden_context_state() -> tuple[dict, dict]:
 
 #: Options of the scaled golden file: the rANS file's, with first moments in sq/1.
 SCALED_OPTIONS = dict(RANS_OPTIONS, moments="scaled", moment_precision=0, scaled_precision=2)
+#: The same with every coder grouped by contexts: sq/2 and lq/2.
+SCALED_CONTEXT_OPTIONS = dict(SCALED_OPTIONS, coder="context")
 
 
 def golden_scaled_state() -> tuple[dict, dict]:
@@ -279,6 +285,10 @@ def main() -> int:
     if "--rans" in sys.argv:
         _write_codec_golden(lctriton, golden_rans_state, RANS_OPTIONS, GOLDEN_RANS_LCT, GOLDEN_RANS_JSON,
                             "lc/2, lq/1 and bp/1")
+        return 0
+    if "--scaled-context" in sys.argv:
+        _write_codec_golden(lctriton, golden_scaled_state, SCALED_CONTEXT_OPTIONS, GOLDEN_SCALED_CONTEXT_LCT,
+                            GOLDEN_SCALED_CONTEXT_JSON, "sq/2 (with lq/2 for its second moment)")
         return 0
     if "--scaled" in sys.argv:
         _write_codec_golden(lctriton, golden_scaled_state, SCALED_OPTIONS, GOLDEN_SCALED_LCT,
