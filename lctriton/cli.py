@@ -33,6 +33,7 @@ examples:
   lctriton compress step200.pt step200.lct --base step100.lct    # delta against it
   lctriton decompress step200.lct restored.pt --base step100.lct
   lctriton inspect step200.lct
+  lctriton convert step200.lct old-reader.lct --format-version 1  # for readers before format 2
   lctriton demo
 """
 
@@ -111,13 +112,27 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         options["exact"] = tuple(args.exact)
     bar = _Bar("compressing", args.progress)
     try:
-        compressed = api.save(args.output, state, base=base, progress=bar, **options)
+        compressed = api.save(args.output, state, base=base, progress=bar,
+                              format_version=args.format_version, **options)
     finally:
         bar.close()
     print(
         f"{args.output}: {compressed.raw_nbytes:,} -> {compressed.nbytes:,} bytes "
         f"({compressed.ratio:.1f}x, {'delta' if base is not None else 'key'})"
     )
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    with open(args.input, "rb") as f:
+        compressed = api.Compressed.from_bytes(f.read())
+    container = compressed.container
+    for i in range(container.num_sections):  # a damaged file is refused, never passed on
+        container.section(i)
+    data = compressed.to_bytes(args.format_version)
+    api.write_atomic(args.output, lambda f: f.write(data))
+    print(f"{args.output}: format {args.format_version}.0, {len(data):,} bytes "
+          f"(was {'.'.join(map(str, container.version))}, {container.size:,} bytes)")
     return 0
 
 
@@ -256,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", dest="progress", action="store_false",
                        help="do not show progress bars")
 
+    def format_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--format-version", type=int, choices=[1, 2], default=2,
+                       help="container format: 2 (default) deflates the index, 1 is read by "
+                            "older lctriton readers too")
+
     base_help = ("the base: a plain checkpoint, or the .lct chain this delta follows, key first "
                  "(repeat --base for each file)")
     p = sub.add_parser("compress", help="compress a PyTorch checkpoint (.pt, .safetensors) to .lct",
@@ -269,8 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lossy-key", action="store_true", help="code a key checkpoint lossily too")
     p.add_argument("--exact", action="append", metavar="PATTERN",
                    help="keep tensors whose dotted name matches this glob exactly (repeatable)")
+    format_flag(p)
     progress_flag(p)
     p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("convert", help="rewrite a .lct file in another container format version",
+                       description="Rewrite a .lct file in container format 1 (for readers that "
+                                   "predate format 2) or 2 (index deflated). The coded tensors are "
+                                   "copied, not decoded; every section's checksum is verified first.")
+    p.add_argument("input", help=".lct file to read")
+    p.add_argument("output", help=".lct file to write (replaced atomically)")
+    format_flag(p)
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("decompress", help="restore a .lct file to a PyTorch checkpoint",
                        description="Restore a .lct file and write it with torch.save (or as "

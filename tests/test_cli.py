@@ -70,12 +70,39 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
         cli.main(["compress", str(tmp_path / "missing.pt"), str(tmp_path / "y.lct")])
 
 
+def test_format_versions_and_convert(tmp_path, capsys):
+    """``--format-version 1`` writes a file older readers take; ``convert`` rewrites a file in
+    either version without decoding it (the same tensors come back), and refuses a file whose
+    sections fail their checksums."""
+    _, second = _model_states(tmp_path)
+    v1, v2 = tmp_path / "v1.lct", tmp_path / "v2.lct"
+    assert cli.main(["compress", str(tmp_path / "b.pt"), str(v1), "--base", str(tmp_path / "a.pt"),
+                     "--format-version", "1", "--no-progress"]) == 0
+    assert lctriton.inspect(v1)["version"] == "1.0"
+    assert cli.main(["convert", str(v1), str(v2)]) == 0
+    assert "format 2.0" in capsys.readouterr().out
+    assert lctriton.inspect(v2)["version"] == "2.0" and v2.stat().st_size < v1.stat().st_size
+    back = tmp_path / "back.lct"
+    assert cli.main(["convert", str(v2), str(back), "--format-version", "1"]) == 0
+    assert back.read_bytes() == v1.read_bytes()
+    base = torch.load(tmp_path / "a.pt", weights_only=True)
+    one, two = lctriton.load(v1, base=base), lctriton.load(v2, base=base)
+    assert all(torch.equal(one[k], two[k]) for k in second)
+    damaged = bytearray(v2.read_bytes())
+    damaged[100] ^= 0xFF  # inside the first section
+    (tmp_path / "damaged.lct").write_bytes(bytes(damaged))
+    assert cli.main(["convert", str(tmp_path / "damaged.lct"), str(tmp_path / "out.lct")]) == 1
+    assert "CRC-32" in capsys.readouterr().err and not (tmp_path / "out.lct").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["convert", str(v1), str(v2), "--format-version", "3"])
+
+
 def test_help_is_there(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for word in ("compress", "decompress", "inspect", "demo", "--base"):
+    for word in ("compress", "decompress", "inspect", "convert", "demo", "--base"):
         assert word in text
 
 
