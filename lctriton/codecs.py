@@ -417,6 +417,24 @@ def _context_streams(
     return tables, parts
 
 
+def _context_coded(
+    record: dict, symbols: torch.Tensor, contexts: torch.Tensor, joint: np.ndarray, chunk_symbols: int, **fields: Any
+) -> tuple[list[np.ndarray], Any]:
+    """Finish a context-coded record (``lc/3``, ``lq/2``, ``sq/2``): its ``fields``, then its
+    context tables; returns its stream parts for the host (see :func:`_context_streams`)."""
+    tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+    record.update(fields, tables=tables)
+    return _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
+
+
+def _context_field(
+    context: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]], fingerprint: Callable[[torch.Tensor], str]
+) -> list[dict]:
+    """The ``context`` field of ``lc/3`` and ``sq/2``: the base's two moments, by name and
+    fingerprint."""
+    return [{"name": name, "base": fingerprint(t)} for name, t in context]
+
+
 def _moments_pay(
     x: torch.Tensor,
     b: torch.Tensor | None,
@@ -504,14 +522,9 @@ def encode_lc(
     else:
         coder = "huffman"  # a fill: no stream either way
     if contexts is not None:
-        tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+        parts, ready = _context_coded(record, symbols, contexts, joint, chunk_symbols,
+                                      codec=LC3, context=_context_field(context, fingerprint))
         del symbols, contexts
-        record.update(
-            codec=LC3,
-            context=[{"name": name, "base": fingerprint(t)} for name, t in context],
-            tables=tables,
-        )
-        parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
     elif coder == "rans":
         if symbols is None:
             symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
@@ -809,10 +822,8 @@ def encode_lq(
     if offset is not None:
         contexts = backend.binade_contexts(b, offset)
         joint = backend.context_histogram(contexts, symbols, reps.size).cpu().numpy()[:NUM_BINADE_CONTEXTS]
-        tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+        parts, ready = _context_coded(record, symbols, contexts, joint, chunk_symbols, codec=LQ2, offset=offset)
         del symbols, contexts
-        record.update(codec=LQ2, offset=offset, tables=tables)
-        parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
     else:
         if counts is None:
             counts = torch.bincount(symbols, minlength=reps.size).cpu().numpy()
@@ -916,14 +927,9 @@ def encode_sq(
     if moments is not None:
         contexts = backend.moment_contexts(*moments)
         joint = backend.context_histogram(contexts, symbols, nsym).cpu().numpy()
-        tables, stream_parts = _context_streams(symbols, contexts, joint, chunk_symbols)
+        parts, ready = _context_coded(record, symbols, contexts, joint, chunk_symbols,
+                                      codec=SQ2, context=_context_field(context, fingerprint))
         del symbols, contexts
-        record.update(
-            codec=SQ2,
-            context=[{"name": tensor_name, "base": fingerprint(t)} for tensor_name, t in context],
-            tables=tables,
-        )
-        parts, ready = _host_parts(stream_parts, [np.uint32, np.uint16] * (len(stream_parts) // 2))
     else:
         counts = torch.bincount(symbols, minlength=nsym).cpu().numpy()
         freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
