@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from lctriton import codecs, pipeline
@@ -61,14 +60,14 @@ class Compressed:
 
         Args:
             format_version: Container major: 2 deflates the index, 1 writes the file that
-                readers older than format 2 take, with the same sections. None: 2 for a
-                state compressed here, the file's own version for one parsed from bytes.
+                readers older than format 2 take (where they know every codec it uses),
+                with the same sections. None: 2 for a state compressed here, the file's own
+                version for one parsed from bytes. A parsed file written in the other
+                version keeps its sections and its index text byte for byte.
         """
         native = self._native_version()
         version = native if format_version is None else fmt.check_version(format_version)
         if version != native:
-            if self._encoded is None:
-                return self._rewritten(version)
             buf = io.BytesIO()
             self.write(buf, version)
             return buf.getvalue()
@@ -94,6 +93,9 @@ class Compressed:
         if self._encoded is not None and (self._bytes is None or version != native):
             self._encoded.wait_ready()
             return fmt.write_container(stream, self._encoded.index, self._encoded.sections, version)
+        if self._encoded is None and version != native:
+            # A parsed file in the other version: its sections and index text, copied.
+            return fmt.rewrite_container(self.container, stream, version)
         data = self.to_bytes(version)
         stream.write(data)
         return len(data)
@@ -101,16 +103,6 @@ class Compressed:
     def _native_version(self) -> int:
         """The major :meth:`to_bytes` writes by default."""
         return fmt.MAJOR_VERSION if self._encoded is not None else self.container.version[0]
-
-    def _rewritten(self, format_version: int) -> bytes:
-        """A parsed container written again in another format version: the same sections
-        (each a multiple of 8 bytes, so laid out at the same offsets) under the same index."""
-        container = self.container
-        index = {k: v for k, v in container.index.items() if k != "sections"}
-        sections = [[np.frombuffer(container.section(i), dtype=np.uint8)] for i in range(container.num_sections)]
-        buf = io.BytesIO()
-        fmt.write_container(buf, index, sections, format_version)
-        return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Compressed:
@@ -318,7 +310,7 @@ def save(
         progress: Called with (bytes done, bytes total) while encoding.
         metadata: As in :func:`compress`.
         format_version: Container major, as in :meth:`Compressed.to_bytes`: 1 writes a file
-            that readers older than format 2 take.
+            that readers older than format 2 take, where they know every codec it uses.
         **options: Codec options, as in :func:`compress`.
 
     Returns:
@@ -409,7 +401,7 @@ def inspect(path: str | os.PathLike[str] | bytes | Compressed) -> dict[str, Any]
         tensor entry has ``name``, ``dtype``, ``shape``, ``codec``, ``raw_nbytes``,
         ``stored_nbytes``, ``ratio``, ``error_bound`` (the record's bound on the quantization
         error: absolute for ``lc`` deltas, relative to the value's bin for ``lq``, in units of
-        ``sqrt(v)`` for ``sq/1``; 0 for exact codecs), ``exceptions`` and ``base``
+        ``sqrt(v)`` for ``sq/1`` and ``sq/2``; 0 for exact codecs), ``exceptions`` and ``base``
         (fingerprint or None).
 
     Raises:

@@ -15,6 +15,7 @@ import torch
 
 import lctriton
 from lctriton import api
+from lctriton import format as fmt
 from lctriton.errors import LctError
 
 __all__ = ["main"]
@@ -116,23 +117,25 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               format_version=args.format_version, **options)
     finally:
         bar.close()
+    written = os.path.getsize(args.output)
     print(
-        f"{args.output}: {compressed.raw_nbytes:,} -> {compressed.nbytes:,} bytes "
-        f"({compressed.ratio:.1f}x, {'delta' if base is not None else 'key'})"
+        f"{args.output}: {compressed.raw_nbytes:,} -> {written:,} bytes "
+        f"({compressed.raw_nbytes / written:.1f}x, {'delta' if base is not None else 'key'})"
     )
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    with open(args.input, "rb") as f:
-        compressed = api.Compressed.from_bytes(f.read())
-    container = compressed.container
-    for i in range(container.num_sections):  # a damaged file is refused, never passed on
-        container.section(i)
-    data = compressed.to_bytes(args.format_version)
-    api.write_atomic(args.output, lambda f: f.write(data))
-    print(f"{args.output}: format {args.format_version}.0, {len(data):,} bytes "
-          f"(was {'.'.join(map(str, container.version))}, {container.size:,} bytes)")
+    container = fmt.open_container(args.input)  # memory-mapped: the sections are streamed
+    try:
+        # Every section's checksum is verified before a byte is written.
+        written = api.write_atomic(args.output, lambda f: fmt.rewrite_container(container, f, args.format_version))
+        codecs_used = sorted({rec.get("codec") for rec in container.index.get("tensors", [])} - {None})
+        print(f"{args.output}: format {args.format_version}.0, {written:,} bytes "
+              f"(was {'.'.join(map(str, container.version))}, {container.size:,} bytes); "
+              f"codecs {', '.join(codecs_used) or 'none'} (a reader must know each)")
+    finally:
+        container.close()
     return 0
 
 
@@ -273,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def format_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--format-version", type=int, choices=[1, 2], default=2,
-                       help="container format: 2 (default) deflates the index, 1 is read by "
-                            "older lctriton readers too")
+                       help="container format: 2 (default) deflates the index; 1 is read by "
+                            "readers from before format 2 too, where they know every codec "
+                            "the file uses ('lctriton inspect' lists them)")
 
     base_help = ("the base: a plain checkpoint, or the .lct chain this delta follows, key first "
                  "(repeat --base for each file)")

@@ -1,6 +1,6 @@
 """Tensor codecs: what each tensor record in a container says, and how it is coded.
 
-Eight codecs exist (``docs/format.md`` has every field):
+Nine codecs exist (``docs/format.md`` has every field):
 
 ``raw/1``
     The tensor's bytes as they are in memory (C order, little-endian). Used for tiny exact
@@ -741,6 +741,8 @@ def _binade_pays(symbols: torch.Tensor, base: torch.Tensor, offset: int, nsym: i
     joint = backend.context_histogram(ctx, sym, nsym).numpy()[:NUM_BINADE_CONTEXTS] * (symbols.numel() / sym.numel())
     grouped = _context_bits(joint, chunk_symbols)
     plain = _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+    # A sample of one symbol prices both at 0 and takes lq/2 (fill tables only): a few
+    # record bytes more than lq/1, and golden_context_v2 pins that choice.
     return grouped <= (1.0 - CONTEXT_MIN_SAVING) * plain
 
 
@@ -853,7 +855,8 @@ def _scaled_contexts_pay(symbols: torch.Tensor, moments: tuple[torch.Tensor, tor
     ctx = backend.moment_contexts(_strided(moments[0]), _strided(moments[1])).cpu()
     joint = backend.context_histogram(ctx, sym, nsym).numpy() * (symbols.numel() / sym.numel())
     grouped = _context_bits(joint, chunk_symbols)
-    return grouped <= (1.0 - CONTEXT_MIN_SAVING) * _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+    plain = _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+    return plain > 0 and grouped <= (1.0 - CONTEXT_MIN_SAVING) * plain  # a fill stays sq/1
 
 
 def encode_sq(

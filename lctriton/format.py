@@ -52,6 +52,7 @@ __all__ = [
     "ALIGN",
     "Container",
     "write_container",
+    "rewrite_container",
     "read_container",
     "open_container",
 ]
@@ -69,6 +70,11 @@ ALIGN = 64
 #: Largest index a reader accepts, stored or inflated, whatever the file size: a guard
 #: against absurd lengths and against deflate streams that expand without bound.
 MAX_INDEX_BYTES = 256 << 20
+#: A version 2 index inflates to at most this many times its stored length, plus
+#: :data:`INFLATE_SLACK`: real indexes deflate 3-10x, so this keeps the text (and the parsed
+#: JSON) of a small file small, as they are for a version 1 file, whose text is its bytes.
+MAX_INFLATE_RATIO = 64
+INFLATE_SLACK = 1 << 20
 #: zlib level of a version 2 index (zlib's default: level 9 saves under 1% more on indexes).
 INDEX_DEFLATE_LEVEL = 6
 
@@ -159,6 +165,7 @@ class Container:
             the section table is checked here).
         size: Total bytes.
         version: The file's ``(major, minor)``.
+        index_text: The index's JSON text as the file holds it (inflated in version 2).
     """
 
     def __init__(
@@ -168,11 +175,13 @@ class Container:
         size: int,
         keepalive: Any = None,
         version: tuple[int, int] = (MAJOR_VERSION, MINOR_VERSION),
+        index_text: bytes | None = None,
     ) -> None:
         self._buffer = memoryview(buffer)
         self.index = index
         self.size = size
         self.version = version
+        self.index_text = index_text
         self._keepalive = keepalive
         self._verified: set[int] = set()
 
@@ -248,7 +257,10 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
     blob = view[index_offset : index_offset + index_length]
     if _crc(blob) != index_crc:
         raise ChecksumError("the container's index fails its CRC-32 check")
-    text = _inflate_index(blob) if major >= 2 else bytes(blob)
+    if major >= 2:
+        text = _inflate_index(blob, min(MAX_INDEX_BYTES, index_length * MAX_INFLATE_RATIO + INFLATE_SLACK))
+    else:
+        text = bytes(blob)
     try:
         index = json.loads(text.decode("utf-8"), parse_constant=_reject_constant,
                            object_pairs_hook=_unique_keys)
@@ -277,20 +289,53 @@ def read_container(buffer: Any, keepalive: Any = None) -> Container:
                 f"section {i}: bytes {offset}..{offset + length} overlap another part of the container"
             )
         end = offset + length
-    return Container(view, index, size, keepalive, (major, minor))
+    return Container(view, index, size, keepalive, (major, minor), text)
 
 
-def _inflate_index(blob: memoryview) -> bytes:
+def rewrite_container(container: Container, out: BinaryIO, version: int) -> int:
+    """Write ``container`` to ``out`` in container major ``version``: the same header but for
+    the major, the same sections at the same offsets, the same index text (deflated for
+    version 2) and a new footer. Nothing is parsed or serialized again, so the index is
+    kept exactly as written; every section is checked against its CRC-32 first.
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        ValueError: If ``version`` is not one this module writes.
+        ChecksumError: If a section fails its checksum (before anything is written).
+    """
+    version = check_version(version)
+    for i in range(container.num_sections):
+        container.section(i)
+    view = container._buffer  # noqa: SLF001 (the bytes this container was read from)
+    index_offset = _FOOTER.unpack(view[container.size - FOOTER_SIZE :])[0]
+    text = container.index_text if container.index_text is not None else json.dumps(
+        container.index, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    blob = zlib.compress(text, INDEX_DEFLATE_LEVEL) if version >= 2 else text
+    out.write(view[:8])
+    out.write(struct.pack("<H", version))
+    out.write(view[10:index_offset])
+    out.write(blob)
+    body = struct.pack("<QQI", index_offset, len(blob), _crc(blob))
+    out.write(_FOOTER.pack(index_offset, len(blob), _crc(blob), _crc(body), END_MAGIC))
+    return index_offset + len(blob) + FOOTER_SIZE
+
+
+def _inflate_index(blob: memoryview, limit: int) -> bytes:
     """The JSON text of a version 2 index: one complete zlib stream, inflated to at most
-    :data:`MAX_INDEX_BYTES` (checked while inflating, so a stream that expands without bound
-    stops there), with nothing after it."""
+    ``limit`` bytes (checked while inflating, so a stream that expands without bound stops
+    there), with nothing after it."""
     inflater = zlib.decompressobj()
     try:
-        text = inflater.decompress(blob, MAX_INDEX_BYTES)
+        text = inflater.decompress(blob, limit)
     except zlib.error as exc:
         raise FormatError(f"the container's index is not a valid zlib stream: {exc}") from None
-    if inflater.unconsumed_tail or (not inflater.eof and len(text) >= MAX_INDEX_BYTES):
-        raise FormatError(f"the container's index inflates past the limit of {MAX_INDEX_BYTES} bytes")
+    if inflater.unconsumed_tail or (not inflater.eof and len(text) >= limit):
+        raise FormatError(
+            f"the container's index inflates past the limit of {limit} bytes "
+            f"({MAX_INFLATE_RATIO}x its {len(blob)} stored bytes plus {INFLATE_SLACK}, at most {MAX_INDEX_BYTES})"
+        )
     if not inflater.eof:
         raise FormatError("the container's index ends inside its zlib stream")
     if inflater.unused_data:

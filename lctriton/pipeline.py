@@ -239,7 +239,7 @@ def _is_moment(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in MOMENT_PATTERNS)
 
 
-#: ``sq/1`` codes ``<parameter>.exp_avg`` in units of ``<parameter>.exp_avg_sq``.
+#: ``sq/1`` and ``sq/2`` code ``<parameter>.exp_avg`` in units of ``<parameter>.exp_avg_sq``.
 _FIRST_MOMENT_SUFFIX = ".exp_avg"
 _SECOND_MOMENT_SUFFIX = "_sq"
 
@@ -479,7 +479,7 @@ def encode_states(
     positions = [{name: i for i, (name, _) in enumerate(flat.tensors)} for flat in flats]
 
     def norm_job(job: tuple[int, int]) -> tuple[int, int] | None:
-        """For a first moment that sq/1 codes, the job of its second moment (Adam's
+        """For a first moment that sq/1 or sq/2 codes, the job of its second moment (Adam's
         ``exp_avg_sq`` beside it in the same state), whose reconstruction it is coded against;
         None for every other tensor. A first moment without a float32 second moment beside it
         (SGD's momentum, other dtypes) or without a base is coded as ``"log"`` says."""
@@ -500,7 +500,7 @@ def encode_states(
 
     def encode_one(job: tuple[int, int], norm: tuple[str, torch.Tensor] | None = None) -> codecs.EncodedTensor:
         """Code one tensor; its reconstruction is always set (``encode_unit`` drops it).
-        ``norm``: for an sq/1 first moment, its second moment's name and reconstruction."""
+        ``norm``: for an sq/1 or sq/2 first moment, its second moment's name and reconstruction."""
         k, i = job
         name, tensor = flats[k].tensors[i]
         b = bases[k].get(name)
@@ -539,8 +539,8 @@ def encode_states(
     def numel(job: tuple[int, int]) -> int:
         return flats[job[0]].tensors[job[1]][1].numel()
 
-    # An sq/1 first moment needs its second moment's reconstruction: the two are one unit of
-    # work, coded in that order by one thread (so the reconstruction is dropped at once).
+    # An sq/1 or sq/2 first moment needs its second moment's reconstruction: the two are one
+    # unit of work, coded in that order by one thread (so the reconstruction is dropped at once).
     units = [[job] for job in jobs if job not in norms]
     unit_of = {unit[0]: unit for unit in units}
     for job in jobs:

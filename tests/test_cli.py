@@ -79,6 +79,7 @@ def test_format_versions_and_convert(tmp_path, capsys):
     assert cli.main(["compress", str(tmp_path / "b.pt"), str(v1), "--base", str(tmp_path / "a.pt"),
                      "--format-version", "1", "--no-progress"]) == 0
     assert lctriton.inspect(v1)["version"] == "1.0"
+    assert f"-> {v1.stat().st_size:,} bytes" in capsys.readouterr().out  # the file written
     assert cli.main(["convert", str(v1), str(v2)]) == 0
     assert "format 2.0" in capsys.readouterr().out
     assert lctriton.inspect(v2)["version"] == "2.0" and v2.stat().st_size < v1.stat().st_size

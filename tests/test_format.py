@@ -454,6 +454,34 @@ def test_deflated_index_that_expands_past_the_limit_is_refused(golden_v2, monkey
         lctriton.inspect(with_index(data, stored=bomb))
 
 
+def test_deflated_index_may_not_inflate_far_past_its_stored_size(golden_v2):
+    """Below MAX_INDEX_BYTES too, an index inflates to at most 64 times its stored length
+    plus 1 MiB: a file of a few KiB cannot make the reader parse megabytes of JSON."""
+    data, _ = golden_v2
+    text = json.dumps(read_index(data), separators=(",", ":")).encode()
+    padded = zlib.compress(text + b" " * (4 << 20), 9)  # 4 MiB of whitespace: valid JSON
+    limit = 64 * len(padded) + (1 << 20)
+    assert limit < (4 << 20) < fmt.MAX_INDEX_BYTES
+    with pytest.raises(FormatError, match=rf"inflates past the limit of {limit} bytes \(64x its {len(padded)} stored"):
+        lctriton.inspect(with_index(data, stored=padded))
+    fits = zlib.compress(text + b" " * ((1 << 20) - len(text)), 9)  # within the slack
+    assert lctriton.inspect(with_index(data, stored=fits))["version"] == "2.0"
+
+
+def test_conversion_keeps_the_index_text(golden):
+    """Converting copies the index text byte for byte: keys it does not know, their spelling
+    and order, even a number Python reads as infinity (which it could not write again)."""
+    _, base, v1, _ = golden
+    text = v1[footer(v1)[0] : len(v1) - fmt.FOOTER_SIZE]
+    odd = text[:-1] + b',"x-extra": 1e999 , "z":[ 1,2 ]}'
+    original = with_index(v1, raw=odd)
+    lctriton.decompress(original, base=base)  # the reader takes it
+    v2 = lctriton.Compressed.from_bytes(original).to_bytes(format_version=2)
+    assert major(v2) == 2 and zlib.decompress(v2[footer(v2)[0] : len(v2) - fmt.FOOTER_SIZE]) == odd
+    assert v2[10 : footer(v2)[0]] == original[10 : footer(original)[0]]
+    assert lctriton.Compressed.from_bytes(v2).to_bytes(format_version=1) == original
+
+
 
 def test_golden_digest_helper_sees_every_bit():
     t = torch.zeros(4, dtype=torch.float32)

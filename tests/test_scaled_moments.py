@@ -443,10 +443,11 @@ def test_sq2_codes_sq1_levels_grouped_by_the_base_moments():
         assert len(rec["tables"]) == codecs.NUM_CONTEXTS and rec["reach"] >= 1
 
 
-def _persistent_state(predictable: bool):
+def _persistent_state(predictable: bool | None):
     """An Adam state and its base 20 steps before: a 64x64 parameter whose first moment keeps
     its sign and size relative to ``sqrt(v)`` (``predictable``: what sq/2's contexts model,
-    as while gradients keep their direction) or takes levels unrelated to its base."""
+    as while gradients keep their direction), takes levels unrelated to its base (False), or
+    is exactly the base decayed by Adam's beta1 over the 20 steps (None: every level 0)."""
     i = torch.arange(4096)
     v_base = torch.pow(2.0, -((i * 7) % 20 + 10).to(torch.float32))
     unit = v_base.sqrt()
@@ -455,6 +456,8 @@ def _persistent_state(predictable: bool):
     v = v_base * 1.01
     noise = ((((i * 2654435761) % 4093) / 4093.0 - 0.5) * 6).to(torch.float32)
     m = (ratio * 0.8 if predictable else noise) * v.sqrt()
+    if predictable is None:
+        m = m_base * float(np.float32(0.9**20))
 
     def state(step, m, v):
         return {"model": {"w": torch.zeros(64, 64)}, "optimizer": {
@@ -464,12 +467,16 @@ def _persistent_state(predictable: bool):
     return state(40.0, m, v), state(20.0, m_base, v_base)
 
 
-@pytest.mark.parametrize("predictable", [True, False])
+@pytest.mark.parametrize("predictable", [True, False, None], ids=["predictable", "unrelated", "all-zero"])
 def test_auto_groups_first_moments_where_it_pays(predictable):
+    """sq/2 where contexts save 5%; sq/1 for levels unrelated to the base, and for a fill
+    (every level 0), where there is nothing to save."""
     state, base = _persistent_state(predictable)
     auto = lctriton.compress(state, base=base)
     codec = _records(auto)["optimizer.state.0.exp_avg"]["codec"]
     assert codec == (codecs.SQ2 if predictable else codecs.SQ)
+    if predictable is None:
+        assert _records(auto)["optimizer.state.0.exp_avg"]["fill"] == _records(auto)["optimizer.state.0.exp_avg"]["reach"]
     single = lctriton.compress(state, base=base, coder="rans")
     grouped = lctriton.compress(state, base=base, coder="context")
     assert _records(grouped)["optimizer.state.0.exp_avg"]["codec"] == codecs.SQ2
@@ -533,11 +540,16 @@ def test_sq2_contexts_are_checked_against_the_base(scaled_context_file):
         lctriton.decompress(data, base=other)
 
     def move_one_element(rec, index):
-        tables = [t for t in rec["tables"] if t["count"]]
-        tables[0]["count"] -= 1
-        tables[1]["count"] += 1
+        """One element from one coded context to another, with every section size kept
+        (neither count crosses a chunk boundary), so only the base's contexts disagree."""
+        chunk = rec["chunk"]
+        coded = [t for t in rec["tables"] if "freqs" in t]
+        source = next(t for t in coded if t["count"] % chunk != 1)
+        target = next(t for t in coded if t is not source and t["count"] % chunk != 0)
+        source["count"] -= 1
+        target["count"] += 1
 
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match=r"its context tables do not count the base's contexts"):
         lctriton.decompress(_edit(data, move_one_element, codecs.SQ2), base=base)
 
 
