@@ -731,16 +731,24 @@ def _strided(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1)[::stride].contiguous()
 
 
-def _binade_pays(symbols: torch.Tensor, base: torch.Tensor, offset: int, nsym: int, chunk_symbols: int) -> bool:
-    """Whether ``lq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload, as
-    the :data:`SCALE_SAMPLE` strided elements (all, for a smaller tensor) estimate it: both
-    priced at the sample's entropies scaled to the tensor, tables as written. Deciding on the
-    sample keeps the full context pass off tensors that stay ``lq/1``."""
+def _sampled_grouping_bits(
+    symbols: torch.Tensor, sample_contexts: torch.Tensor, nsym: int, chunk_symbols: int
+) -> tuple[float, float]:
+    """``(grouped, single)``: the payload bits of ``symbols`` coded per context and with one
+    table, as the :data:`SCALE_SAMPLE` strided elements (all, for a smaller tensor) and their
+    ``sample_contexts`` estimate them: priced at the sample's entropies scaled to the tensor,
+    tables as written. Deciding on the sample keeps the full context pass off tensors that
+    stay single-table."""
     sym = _strided(symbols).cpu()
-    ctx = backend.binade_contexts(_strided(base), offset).cpu()
-    joint = backend.context_histogram(ctx, sym, nsym).numpy()[:NUM_BINADE_CONTEXTS] * (symbols.numel() / sym.numel())
-    grouped = _context_bits(joint, chunk_symbols)
-    plain = _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+    joint = backend.context_histogram(sample_contexts.cpu(), sym, nsym).numpy() * (symbols.numel() / sym.numel())
+    return _context_bits(joint, chunk_symbols), _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+
+
+def _binade_pays(symbols: torch.Tensor, base: torch.Tensor, offset: int, nsym: int, chunk_symbols: int) -> bool:
+    """Whether ``lq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload, by
+    the sample (:func:`_sampled_grouping_bits`)."""
+    contexts = backend.binade_contexts(_strided(base), offset)
+    grouped, plain = _sampled_grouping_bits(symbols, contexts, nsym, chunk_symbols)
     # A sample of one symbol prices both at 0 and takes lq/2 (fill tables only): a few
     # record bytes more than lq/1, and golden_context_v2 pins that choice.
     return grouped <= (1.0 - CONTEXT_MIN_SAVING) * plain
@@ -846,16 +854,11 @@ def encode_lq(
 
 
 def _scaled_contexts_pay(symbols: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], nsym: int, chunk_symbols: int) -> bool:
-    """Whether ``sq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``sq/1``'s payload, as
-    the :data:`SCALE_SAMPLE` strided elements (all, for a smaller tensor) estimate it, both
-    priced at the sample's entropies scaled to the tensor, tables as written. Deciding on the
-    sample keeps the full context pass off moments that stay ``sq/1`` (late in training most
-    levels are 0 and a single table is as good)."""
-    sym = _strided(symbols).cpu()
-    ctx = backend.moment_contexts(_strided(moments[0]), _strided(moments[1])).cpu()
-    joint = backend.context_histogram(ctx, sym, nsym).numpy() * (symbols.numel() / sym.numel())
-    grouped = _context_bits(joint, chunk_symbols)
-    plain = _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
+    """Whether ``sq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``sq/1``'s payload, by
+    the sample (:func:`_sampled_grouping_bits`; late in training most levels are 0 and a
+    single table is as good)."""
+    contexts = backend.moment_contexts(_strided(moments[0]), _strided(moments[1]))
+    grouped, plain = _sampled_grouping_bits(symbols, contexts, nsym, chunk_symbols)
     return plain > 0 and grouped <= (1.0 - CONTEXT_MIN_SAVING) * plain  # a fill stays sq/1
 
 
@@ -1208,6 +1211,12 @@ def _stream_fields(record: dict, name: str, nsym: int, numel: int, nullable_boun
     words = _int(record, "words", name)
     if fill is not None and words:
         raise _fail(name, "a fill must not have a stream")
+    _exception_bound_base(record, name, numel, nullable_bound)
+
+
+def _exception_bound_base(record: dict, name: str, numel: int, nullable_bound: bool) -> None:
+    """The fields every rANS-coded lossy record ends with: the exception count, the error
+    bound and the base's fingerprint."""
     _int(record, "exceptions", name, 0, numel)
     _bound_field(record, name, nullable=nullable_bound)
     _base_field(record, name)
@@ -1227,9 +1236,7 @@ def _validate_sq_record(record: dict, name: str, codec: str, numel: int) -> None
     else:
         _context_refs(record, name)
         _context_tables(record, name, NUM_CONTEXTS, 2 * reach + 1, numel)
-        _int(record, "exceptions", name, 0, numel)
-        _bound_field(record, name, nullable=False)
-        _base_field(record, name)
+        _exception_bound_base(record, name, numel, nullable_bound=False)
     if record["base"] is None:
         raise _fail(name, f"codec {codec} codes a delta: 'base' must name one")
 
@@ -1241,9 +1248,7 @@ def _validate_context_record(record: dict, name: str, codec: str, dtype_name: st
     else:
         _context_refs(record, name)
     _context_tables(record, name, NUM_CONTEXTS if codec == LC3 else NUM_BINADE_CONTEXTS, len(reps), numel)
-    _int(record, "exceptions", name, 0, numel)
-    _bound_field(record, name, nullable=codec == LQ2)
-    _base_field(record, name)
+    _exception_bound_base(record, name, numel, nullable_bound=codec == LQ2)
     if record["base"] is None:
         raise _fail(name, f"codec {codec} codes a delta: 'base' must name one")
 

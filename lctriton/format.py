@@ -165,7 +165,8 @@ class Container:
             the section table is checked here).
         size: Total bytes.
         version: The file's ``(major, minor)``.
-        index_text: The index's JSON text as the file holds it (inflated in version 2).
+        index_text: The index's JSON text as the file holds it (inflated in version 2);
+            :func:`read_container` sets it, and :func:`rewrite_container` copies it.
     """
 
     def __init__(
@@ -310,8 +311,9 @@ def rewrite_container(container: Container, out: BinaryIO, version: int) -> int:
         container.section(i)
     view = container._buffer  # noqa: SLF001 (the bytes this container was read from)
     index_offset = _FOOTER.unpack(view[container.size - FOOTER_SIZE :])[0]
-    text = container.index_text if container.index_text is not None else json.dumps(
-        container.index, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    text = container.index_text
+    if text is None:
+        raise ValueError("rewrite_container needs a container read from bytes (its index text)")
     blob = zlib.compress(text, INDEX_DEFLATE_LEVEL) if version >= 2 else text
     out.write(view[:8])
     out.write(struct.pack("<H", version))

@@ -784,6 +784,22 @@ def _apply_exceptions(out: torch.Tensor, exc_index: np.ndarray, exc_values: np.n
         out[torch.from_numpy(exc_index.copy()).to(out.device)] = values.to(out.device)
 
 
+def _reconstruct(rec, sym, reps, b, dtype, device, norm):
+    """A lossy record's values from its symbols, before exceptions, on ``device``: ``sq``
+    levels in units of the decoded ``norm()``, ``lq`` bins against the decayed base, ``lc``
+    representatives added to the base (or alone without one)."""
+    flat_base = None if b is None else b.reshape(-1)
+    if rec["codec"] in codecs.SCALED_CODECS:
+        scale = float(np.uint32(rec["scale"]).view(np.float32))
+        out = backend.sq_reconstruct(sym, rec["reach"], rec["precision"], flat_base.to(device), scale, norm())
+    elif rec["codec"] in (codecs.LQ, codecs.LQ2):
+        scale = float(np.uint32(rec["scale"]).view(np.float32))
+        out = backend.lq_reconstruct(sym, reps.to(device), flat_base, scale, dtype)
+    else:
+        out = backend.lc_reconstruct(sym, reps.to(device), flat_base, dtype)
+    return out.to(device)
+
+
 def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, norm=None):
     """What turns an lc/2, lq/1 or sq/1 record's symbols into its tensor (``norm``: for sq/1,
     returns its second moment, decoded before it)."""
@@ -794,16 +810,7 @@ def _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, nor
             sym = symbols[0].to(device)
         else:
             sym = torch.full((numel,), rec["fill"], dtype=torch.uint8, device=device)
-        flat_base = None if b is None else b.reshape(-1)
-        if rec["codec"] == codecs.SQ:
-            scale = float(np.uint32(rec["scale"]).view(np.float32))
-            out = backend.sq_reconstruct(sym, rec["reach"], rec["precision"], flat_base.to(device), scale, norm())
-        elif rec["codec"] == codecs.LQ:
-            scale = float(np.uint32(rec["scale"]).view(np.float32))
-            out = backend.lq_reconstruct(sym, reps.to(device), flat_base, scale, dtype)
-        else:
-            out = backend.lc_reconstruct(sym, reps.to(device), flat_base, dtype)
-        out = out.to(device)
+        out = _reconstruct(rec, sym, reps, b, dtype, device, norm)
         _apply_exceptions(out, exc_index, exc_values, dtype)
         return out
 
@@ -895,15 +902,7 @@ def _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_
                 pieces.append(next(coded).to(device))
         grouped = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
         sym = backend.ungroup_by_context(contexts.to(device), grouped)
-        if rec["codec"] == codecs.LQ2:
-            scale = float(np.uint32(rec["scale"]).view(np.float32))
-            out = backend.lq_reconstruct(sym, reps.to(device), b.reshape(-1), scale, dtype).to(device)
-        elif rec["codec"] == codecs.SQ2:
-            scale = float(np.uint32(rec["scale"]).view(np.float32))
-            out = backend.sq_reconstruct(sym, rec["reach"], rec["precision"], b.reshape(-1).to(device), scale, norm())
-            out = out.to(device)
-        else:
-            out = backend.lc_reconstruct(sym, reps.to(device), b.reshape(-1), dtype).to(device)
+        out = _reconstruct(rec, sym, reps, b, dtype, device, norm)
         _apply_exceptions(out, exc_index, exc_values, dtype)
         return out
 
