@@ -188,12 +188,15 @@ def _bucket_mean(key: int, fine_counts: np.ndarray) -> float:
     return sign * math.ldexp(1.0 + fraction, (key & 0xFF) - 127)
 
 
-def plan_buckets(histogram: np.ndarray, bits: int) -> BucketPlan:
+def plan_buckets(histogram: np.ndarray, bits: int, floor_exponent: int = 1) -> BucketPlan:
     """Priority promotion: keep the ``2**bits - 1`` largest finite (sign, exponent) buckets.
 
     Args:
         histogram: int64 array of ``NUM_FINE_KEYS`` counts from pass 1.
         bits: Symbol width.
+        floor_exponent: The smallest exponent field a kept bucket may have: buckets below it
+            are dropped (symbol 0) whatever their rank, so every dropped delta is below
+            ``2**(floor_exponent - 127)``. 1 (the default) keeps every normal exponent.
 
     Returns:
         The bucket plan.
@@ -204,6 +207,7 @@ def plan_buckets(histogram: np.ndarray, bits: int) -> BucketPlan:
     exponent = keys & 0xFF
     # Zeros and subnormals (exponent field 0) are never promoted: they decode to zero.
     finite = (counts > 0) & (exponent != reference.NONFINITE_EXPONENT) & (exponent != 0)
+    finite &= exponent >= floor_exponent
     candidates = keys[finite]
     # Largest exponent first; the positive sign first among equals.
     order = candidates[np.lexsort((candidates >> 8, -exponent[candidates]))]
@@ -464,6 +468,7 @@ def encode_lc(
     coder: str = "huffman",
     context: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]] | None = None,
     fingerprint: Callable[[torch.Tensor], str] = base_fingerprint,
+    delta_floor: int | None = None,
 ) -> EncodedTensor:
     """Code a floating tensor lossily against ``base`` (or zeros) with ``lc/1``, ``lc/2`` or
     ``lc/3``.
@@ -483,6 +488,9 @@ def encode_lc(
             ``lc/3`` groups the symbols by.
         fingerprint: Fingerprints the base and the context tensors for the record (a
             :class:`FingerprintCache` shares them between the records of one encode).
+        delta_floor: With a base, deltas below ``2**-delta_floor`` times the base's typical
+            magnitude are dropped (:func:`delta_floor_exponent`); None keeps every bucket
+            ``bits`` allows.
 
     Returns:
         The encoded tensor; ``reconstruction`` is what a decoder restores, in the tensor's
@@ -496,7 +504,7 @@ def encode_lc(
         b = base.detach().to(x.device)
         b = b.contiguous()
     hist = backend.lc_histogram(x, b).cpu().numpy()
-    plan = plan_buckets(hist, bits)
+    plan = plan_buckets(hist, bits, delta_floor_exponent(b, delta_floor))
     lengths = huffman.code_lengths(plan.symbol_counts)
     nchunks = -(-x.numel() // chunk_symbols)
     dev = x.device
@@ -715,13 +723,31 @@ def choose_log_scale(tensor: torch.Tensor, base: torch.Tensor, decay: float, pre
     return ratio if hits[1] > hits[0] else decay
 
 
-def binade_offset(base: torch.Tensor) -> int:
-    """The binade ``lq/2``'s contexts centre on: the median of the nonzero exponent fields of
-    ``float32(base)``, on :data:`SCALE_SAMPLE` strided elements (integers: the same on every
-    backend); 127 (the binade of 1.0) where all are zero."""
-    exponents = ((_strided(base).to(torch.float32).view(torch.int32) >> 23) & 0xFF).cpu().numpy()
+def median_binade(tensor: torch.Tensor) -> int | None:
+    """The median of the nonzero exponent fields of ``float32(tensor)``, on
+    :data:`SCALE_SAMPLE` strided elements (integers: the same on every backend); None where
+    all are zero."""
+    exponents = ((_strided(tensor).to(torch.float32).view(torch.int32) >> 23) & 0xFF).cpu().numpy()
     nonzero = exponents[exponents > 0]
-    return int(np.sort(nonzero)[nonzero.size // 2]) if nonzero.size else 127
+    return int(np.sort(nonzero)[nonzero.size // 2]) if nonzero.size else None
+
+
+def binade_offset(base: torch.Tensor) -> int:
+    """The binade ``lq/2``'s contexts centre on: :func:`median_binade` of the base; 127 (the
+    binade of 1.0) where all of it is zero."""
+    typical = median_binade(base)
+    return 127 if typical is None else typical
+
+
+def delta_floor_exponent(base: torch.Tensor | None, delta_floor: int | None) -> int:
+    """The smallest exponent field of a delta bucket that ``lc`` keeps (see
+    :func:`plan_buckets`): ``delta_floor`` binades below the base's :func:`median_binade`,
+    so that a dropped delta is below ``2**-delta_floor`` times the base's typical magnitude.
+    1 (no floor) without a base, without a floor or where the base is all zero."""
+    if base is None or delta_floor is None:
+        return 1
+    typical = median_binade(base)
+    return 1 if typical is None else max(1, typical - delta_floor)
 
 
 def _strided(tensor: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,10 @@ FIRST_MOMENT_PATTERNS: tuple[str, ...] = ("*.exp_avg", "*.momentum_buffer")
 #: How optimizer moments are coded in delta checkpoints.
 MOMENT_MODES = ("log", "scaled", "predict", "lossy", "exact")
 
+#: The largest ``delta_floor``: 2**-32 of a tensor's typical magnitude is far below float32's
+#: resolution of it.
+MAX_DELTA_FLOOR = 32
+
 #: Entropy coders of lossy symbols.
 CODERS = ("auto", "huffman", "rans", "context")
 
@@ -136,6 +140,13 @@ class CodecOptions:
             by up to 2.6% over three seeds, precision 2 by up to 1.4%.
         code_exact: Entropy-code exactly stored tensors as byte planes (``bp/1``; against
             the base's bytes when there is one) instead of storing their raw bytes.
+        delta_floor: In a delta, the lossy codec drops every change smaller than
+            ``2**-delta_floor`` times the tensor's typical magnitude (the binade of the median
+            ``|element|`` of its base): such an element restores to its base until its
+            accumulated change reaches the floor, so the error stays below the floor however
+            long the chain. Late in a decaying schedule the changes shrink toward zero while
+            ``bits`` still spends as many symbols on them; the floor stops that. 0 to 32, or
+            None (the default) for no floor.
     """
 
     bits: int = 3
@@ -150,6 +161,7 @@ class CodecOptions:
     moment_precision: int = 0
     scaled_precision: int = 2
     code_exact: bool = True
+    delta_floor: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -178,6 +190,10 @@ class CodecOptions:
             p = getattr(self, name)
             if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 4:
                 raise ValueError(f"{name} must be an int from 0 to 4, got {p!r}")
+
+        f = self.delta_floor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= MAX_DELTA_FLOOR):
+            raise ValueError(f"delta_floor must be None or an int from 0 to {MAX_DELTA_FLOOR}, got {f!r}")
 
     def moment_mode(self, name: str) -> str:
         """The ``moments`` mode of the optimizer moment named ``name`` (dotted path)."""

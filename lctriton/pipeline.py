@@ -531,7 +531,8 @@ def encode_states(
         else:
             context = context_of(k, name, tensor) if b is not None else None
             encoded = codecs.encode_lc(
-                tensor, b, options.bits, options.chunk_symbols, options.coder, context, fingerprint
+                tensor, b, options.bits, options.chunk_symbols, options.coder, context, fingerprint,
+                options.delta_floor,
             )
         encoded.reconstruction = encoded.reconstruction.to(tensor.device)
         return encoded

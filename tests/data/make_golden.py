@@ -57,9 +57,10 @@ GOLDEN_V2_LCT = HERE / "golden_v2.lct"
 GOLDEN_V2_JSON = HERE / "golden_v2.json"
 
 #: Fixed codec options of the golden file (every option spelled out, defaults included).
-#: The v1 file predates rANS, log-coded moments and byte planes: those are pinned off.
+#: The v1 file predates rANS, log-coded moments, byte planes and the delta floor: those are
+#: pinned off.
 OPTIONS = dict(bits=3, chunk_symbols=256, min_numel=1024, lossless=False, lossless_key=True, exact=(),
-               coder="huffman", moments="lossy", code_exact=False)
+               coder="huffman", moments="lossy", code_exact=False, delta_floor=None)
 
 #: Dotted names of the tensors the golden file codes lossily (``lc/1``).
 LOSSY = ("model.fc.weight", "model.emb.weight", "model.fill")
@@ -127,7 +128,7 @@ def golden_state() -> tuple[dict, dict]:
 
 #: Options of the rANS golden file, every one spelled out.
 RANS_OPTIONS = dict(bits=3, chunk_symbols=256, min_numel=1024, lossless=False, lossless_key=True, exact=(),
-                    coder="auto", moments="log", moment_precision=1, code_exact=True)
+                    coder="auto", moments="log", moment_precision=1, code_exact=True, delta_floor=None)
 
 
 def golden_rans_state() -> tuple[dict, dict]:
