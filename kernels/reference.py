@@ -17,8 +17,9 @@ The lossy codec "lc/1" (closed-loop LC-Checkpoint) for a floating tensor ``x`` a
    every backend whatever the order of summation).
 3. Buckets (host, from the histogram alone; see ``lctriton.codecs``). Bucket keys are ranked
    by exponent (descending), then sign (positive first); the top ``2**bits - 1`` of those
-   with a finite, nonzero exponent field (not zero, subnormal, infinite or NaN) become
-   symbols 1, 2, ...; every other element gets symbol 0, which decodes to zero. Each
+   with a finite, nonzero exponent field (not zero, subnormal, infinite or NaN), at or above
+   the encoder's floor exponent (``delta_floor``; 1 without one), become symbols 1, 2, ...;
+   every other element gets symbol 0, which decodes to zero. Each
    symbol's representative is the mean of its bucket with every element taken at the middle
    of its fine key's interval, computed in float64 from the counts and rounded to float32.
 4. Reconstruction. ``r = b`` (bit for bit) where the symbol is 0, else

@@ -723,13 +723,23 @@ def choose_log_scale(tensor: torch.Tensor, base: torch.Tensor, decay: float, pre
     return ratio if hits[1] > hits[0] else decay
 
 
+#: The coders under which a moment with a base is ``lq/2`` where the sample says it pays.
+BINADE_CODERS = ("auto", "context")
+
+
 def median_binade(tensor: torch.Tensor) -> int | None:
     """The median of the nonzero exponent fields of ``float32(tensor)``, on
     :data:`SCALE_SAMPLE` strided elements (integers: the same on every backend); None where
-    all are zero."""
+    all are zero. The median is the field at position ``count // 2`` of the sorted nonzero
+    fields, found from their histogram. (A tensor no larger than the sample is its own
+    sample: :func:`_strided` of a sample is the sample.)"""
     exponents = ((_strided(tensor).to(torch.float32).view(torch.int32) >> 23) & 0xFF).cpu().numpy()
-    nonzero = exponents[exponents > 0]
-    return int(np.sort(nonzero)[nonzero.size // 2]) if nonzero.size else None
+    counts = np.bincount(exponents.ravel(), minlength=256)
+    counts[0] = 0
+    total = int(counts.sum())
+    if not total:
+        return None
+    return int(np.searchsorted(np.cumsum(counts), total // 2, side="right"))
 
 
 def binade_offset(base: torch.Tensor) -> int:
@@ -770,10 +780,11 @@ def _sampled_grouping_bits(
     return _context_bits(joint, chunk_symbols), _context_bits(joint.sum(axis=0, keepdims=True), chunk_symbols)
 
 
-def _binade_pays(symbols: torch.Tensor, base: torch.Tensor, offset: int, nsym: int, chunk_symbols: int) -> bool:
+def _binade_pays(symbols: torch.Tensor, base_sample: torch.Tensor, offset: int, nsym: int, chunk_symbols: int) -> bool:
     """Whether ``lq/2`` saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload, by
-    the sample (:func:`_sampled_grouping_bits`)."""
-    contexts = backend.binade_contexts(_strided(base), offset)
+    the sample (:func:`_sampled_grouping_bits`; ``base_sample`` is the base's
+    :func:`_strided` sample)."""
+    contexts = backend.binade_contexts(base_sample, offset)
     grouped, plain = _sampled_grouping_bits(symbols, contexts, nsym, chunk_symbols)
     # A sample of one symbol prices both at 0 and takes lq/2 (fill tables only): a few
     # record bytes more than lq/1, and golden_context_v2 pins that choice.
@@ -803,10 +814,9 @@ def encode_lq(
         predict_only: Store no values: every element restores to the prediction (needs a
             base), with ``scale`` replaced by :func:`fit_prediction_scale`'s factor (``scale``
             is its fallback). The tensor is then a fill of symbol 0 and costs only its record.
-        coder: ``"context"``: ``lq/2`` where there is a base and grouping the symbols by its
-            binades saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s payload
-            (:func:`_binade_pays`); anything else: ``lq/1``. (``"auto"`` keeps ``lq/1``: on
-            CPU the grouping costs more time than its 10% or so of a state's bytes is worth.)
+        coder: ``"auto"`` or ``"context"``: ``lq/2`` where there is a base and grouping the
+            symbols by its binades saves at least :data:`CONTEXT_MIN_SAVING` of ``lq/1``'s
+            payload (:func:`_binade_pays`); ``"huffman"`` or ``"rans"``: ``lq/1``.
         fingerprint: Fingerprints the base for the record (see :func:`encode_lc`).
 
     Returns:
@@ -851,9 +861,10 @@ def encode_lq(
         "reps": reps.view(np.uint32).tolist(),
     }
     offset = None
-    if coder == "context" and b is not None and not predict_only and x.numel():
-        offset = binade_offset(b)
-        if not _binade_pays(symbols, b, offset, reps.size, chunk_symbols):
+    if coder in BINADE_CODERS and b is not None and not predict_only and x.numel():
+        sample = _strided(b)
+        offset = binade_offset(sample)
+        if not _binade_pays(symbols, sample, offset, reps.size, chunk_symbols):
             offset = None
     if offset is not None:
         contexts = backend.binade_contexts(b, offset)

@@ -146,6 +146,71 @@ def test_closed_loop_error_does_not_accumulate():
         assert float((recon["w"] - w).abs().max()) <= bound * 1.001
 
 
+def _small_steps(n, seed):
+    """A base of typical magnitude 2**-5 and a delta of magnitudes 2**-16 .. 2**-11 of both
+    signs, log-uniform: below and above a floor of 2**-8 of the base (2**-13)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.rand(n, generator=g, dtype=torch.float64) + 1.0) * 2.0**-5
+    base *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    magnitude = torch.exp2(-16.0 + 5.0 * torch.rand(n, generator=g, dtype=torch.float64))
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return (base + sign * magnitude).float(), base.float()
+
+
+def test_delta_floor_drops_changes_below_it_and_bounds_the_error():
+    x, base = _small_steps(40_000, seed=3)
+    floor = 2.0**-13  # the base's median binade is 2**-5
+    c_none, r_none = _roundtrip(x, base, delta_floor=None)
+    c, restored = _roundtrip(x, base, delta_floor=8)
+    rec = c.index["tensors"][0]
+    reps = np.array(rec["reps"][1:], dtype=np.uint32).view(np.float32)
+    assert (np.abs(reps) >= floor).all(), "a kept bucket lies below the floor"
+    d = (x.double() - base.double()).abs()
+    below = d < floor
+    assert below.float().mean() > 0.5
+    # Dropped: restored to the base bit for bit, within the floor of the value; kept: within
+    # their buckets, as without a floor.
+    assert torch.equal(restored[below].view(torch.int32), base[below].view(torch.int32))
+    assert float((restored.double() - x.double())[below].abs().max()) < floor
+    _assert_within_bucket_bounds(x, base, restored, rec)
+    # Without a floor the smaller binades are kept instead: more bytes, smaller errors there.
+    assert np.abs(np.array(c_none.index["tensors"][0]["reps"][1:], np.uint32).view(np.float32)).min() < floor
+    assert c.nbytes < 0.7 * c_none.nbytes
+    assert float((r_none[below] - x[below]).abs().mean()) < float((restored[below] - x[below]).abs().mean())
+
+
+def test_delta_floor_keeps_a_slow_drift_within_the_floor_along_a_chain():
+    """Closed loop: an element whose change stays below the floor keeps its base until the
+    accumulated change reaches the floor; the error never exceeds the floor."""
+    x, base = _small_steps(20_000, seed=4)
+    drift = torch.full_like(x, 2.0**-16)  # an eighth of the floor per checkpoint
+    w, recon, coded = base.clone(), {"w": base.clone()}, 0
+    for _ in range(24):
+        w += drift
+        c, recon = lctriton.compress({"w": w}, base=recon, return_reconstruction=True, delta_floor=8, min_numel=0)
+        error = (recon["w"].double() - w.double()).abs()
+        assert float(error.max()) <= 2.0**-13
+        coded += int((error < 2.0**-16).sum())
+    assert coded > 0, "the drift was never coded"
+
+
+def test_delta_floor_needs_a_base_with_a_magnitude():
+    x, _ = _small_steps(5000, seed=5)
+    assert codecs.delta_floor_exponent(None, 8) == 1
+    assert codecs.delta_floor_exponent(x, None) == 1
+    assert codecs.delta_floor_exponent(torch.zeros(100), 8) == 1  # nothing to be relative to
+    assert codecs.delta_floor_exponent(x, 8) == 127 - 5 - 8
+    assert codecs.delta_floor_exponent(torch.full((10,), 2.0**-120), 30) == 1
+    # A key checkpoint coded lossily has no base: the floor changes nothing.
+    key = [lctriton.compress({"w": x}, lossless_key=False, delta_floor=f, min_numel=0).to_bytes() for f in (None, 8)]
+    assert key[0] == key[1]
+    # An all-zero base (a zero-initialized adapter's first delta) keeps every bucket.
+    zero = torch.zeros_like(x)
+    coded = [lctriton.compress({"w": x * 2.0**-20}, base={"w": zero}, delta_floor=f, min_numel=0).to_bytes()
+             for f in (None, 0)]
+    assert coded[0] == coded[1]
+
+
 def test_exact_paths_are_byte_identical():
     g = torch.Generator().manual_seed(2)
     state = {
@@ -277,6 +342,10 @@ def test_unsupported_objects_are_named():
         ({"chunk_symbols": 100}, ValueError, "chunk_symbols"),
         ({"chunk_symbols": 1 << 17}, ValueError, "chunk_symbols"),
         ({"colour": "red"}, TypeError, "unknown codec option"),
+        ({"delta_floor": -1}, ValueError, "delta_floor must be None or an int from 0 to 32, got -1"),
+        ({"delta_floor": 33}, ValueError, "delta_floor must be None or an int from 0 to 32, got 33"),
+        ({"delta_floor": True}, ValueError, "delta_floor must be None or an int from 0 to 32, got True"),
+        ({"delta_floor": 8.0}, ValueError, "delta_floor must be None or an int from 0 to 32, got 8.0"),
     ],
 )
 def test_invalid_options_are_named(options, error, match):

@@ -399,8 +399,10 @@ def test_binade_coding_is_chosen_where_it_pays(binade_states):
     state, base = binade_states
     used = _moment_codecs(lctriton.compress(state, base=base, coder="context", moments="log"))
     assert used == {"opt.state.0.exp_avg_sq": codecs.LQ2, "opt.state.0.exp_avg": codecs.LQ}
-    # The default coder keeps lq/1 (on CPU the grouping costs more time than it saves bytes).
-    assert set(_moment_codecs(lctriton.compress(state, base=base, moments="log")).values()) == {codecs.LQ}
+    # The default coder decides the same way; Huffman and plain rANS keep lq/1.
+    assert _moment_codecs(lctriton.compress(state, base=base, moments="log")) == used
+    for coder in ("huffman", "rans"):
+        assert set(_moment_codecs(lctriton.compress(state, base=base, moments="log", coder=coder)).values()) == {codecs.LQ}
     # By default the first moment is scaled (its second moment is beside it), and with
     # coder="context" grouped by the base's moments (sq/2); the second moment is still lq/2
     # where that pays.

@@ -294,7 +294,7 @@ def _to(obj, device):
 
 
 #: The coders :func:`_every_codec_state` is coded with: together they use every codec.
-EVERY_CODEC_CODERS = ("auto", "context")
+EVERY_CODEC_CODERS = ("auto", "context", "huffman")
 
 
 def test_backend_files_are_identical_both_ways(monkeypatch):

@@ -198,8 +198,9 @@ def golden_context_state() -> tuple[dict, dict]:
     return state, base
 
 
-#: Options of the scaled golden file: the rANS file's, with first moments in sq/1.
-SCALED_OPTIONS = dict(RANS_OPTIONS, moments="scaled", moment_precision=0, scaled_precision=2)
+#: Options of the scaled golden file: the rANS file's, with first moments in sq/1 and the
+#: coder that keeps sq/1 and lq/1 ("auto" wrote the file before it took lq/2 where that pays).
+SCALED_OPTIONS = dict(RANS_OPTIONS, coder="rans", moments="scaled", moment_precision=0, scaled_precision=2)
 #: The same with every coder grouped by contexts: sq/2 and lq/2.
 SCALED_CONTEXT_OPTIONS = dict(SCALED_OPTIONS, coder="context")
 
