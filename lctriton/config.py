@@ -147,7 +147,7 @@ class CodecOptions:
             long the chain. Late in a decaying schedule the changes shrink toward zero while
             ``bits`` still spends as many symbols on them; the floor stops that. 0 to 32, or
             None for no floor. Default 8: on the digits CNN (three seeds, ten restores) it
-            took the whole state's ratio up by 4-6% with the final loss within 1.9% of the
+            took the whole state's ratio up by 3-6% with the final loss within 1.9% of the
             uninterrupted run; 7 moved it by 2.2% on one seed, and fine-tuning MiniLM by 47%
             more training loss (``benchmarks/results/fidelity-*-floor-*``).
     """
