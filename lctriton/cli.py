@@ -16,6 +16,7 @@ import torch
 import lctriton
 from lctriton import api
 from lctriton import format as fmt
+from lctriton.config import CodecOptions
 from lctriton.errors import LctError
 
 __all__ = ["main"]
@@ -105,10 +106,22 @@ def _resolve_base(bases: Sequence[str] | None, show_progress: bool) -> Any:
     return state
 
 
+def _delta_floor(text: str) -> int | None:
+    """``--delta-floor``'s value: an int, or ``none`` for no floor (the range is the codec's
+    to check, with its message)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', got {text!r}") from None
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     state = _read_state(args.input)
     base = _resolve_base(args.base, args.progress)
-    options: dict[str, Any] = {"bits": args.bits, "lossless": args.lossless, "lossless_key": not args.lossy_key}
+    options: dict[str, Any] = {"bits": args.bits, "lossless": args.lossless, "lossless_key": not args.lossy_key,
+                               "delta_floor": args.delta_floor}
     if args.exact:
         options["exact"] = tuple(args.exact)
     bar = _Bar("compressing", args.progress)
@@ -291,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=3, help="bits per value of a delta, 1-8 (default 3)")
     p.add_argument("--lossless", action="store_true", help="store every tensor exactly")
     p.add_argument("--lossy-key", action="store_true", help="code a key checkpoint lossily too")
+    p.add_argument("--delta-floor", type=_delta_floor, metavar="N|none",
+                   default=CodecOptions.delta_floor,
+                   help="drop changes below 2**-N of a tensor's typical magnitude, 0-32, or 'none' "
+                        f"(default {CodecOptions.delta_floor})")
     p.add_argument("--exact", action="append", metavar="PATTERN",
                    help="keep tensors whose dotted name matches this glob exactly (repeatable)")
     format_flag(p)

@@ -55,6 +55,32 @@ def test_lossless_and_bits_flags(tmp_path):
     assert {t["name"]: t["codec"] for t in info["tensors"]}["2.weight"] == "raw/1"
 
 
+def test_delta_floor_flag(tmp_path, capsys):
+    """``--delta-floor`` reaches the codec: ``none`` keeps buckets the default floor drops;
+    an out-of-range value is the codec's error, a word is argparse's."""
+    first, second = _model_states(tmp_path)
+    base = str(tmp_path / "a.pt")
+    small = {k: v + 1e-4 * torch.sign(v) * v.abs() for k, v in first.items()}  # 2**-13 of each value
+    torch.save(small, tmp_path / "s.pt")
+    sizes = {}
+    for floor in ("none", "8", "10"):
+        out = tmp_path / f"s{floor}.lct"
+        assert cli.main(["compress", str(tmp_path / "s.pt"), str(out), "--base", base, "--delta-floor", floor,
+                         "--no-progress"]) == 0
+        sizes[floor] = out.stat().st_size
+    default = tmp_path / "default.lct"
+    assert cli.main(["compress", str(tmp_path / "s.pt"), str(default), "--base", base, "--no-progress"]) == 0
+    assert default.read_bytes() == (tmp_path / "s8.lct").read_bytes()
+    assert sizes["8"] < sizes["none"]
+    capsys.readouterr()
+    assert cli.main(["compress", str(tmp_path / "s.pt"), str(tmp_path / "x.lct"), "--base", base,
+                     "--delta-floor", "40"]) == 1
+    assert "delta_floor must be None or an int from 0 to 32, got 40" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compress", str(tmp_path / "s.pt"), str(tmp_path / "x.lct"), "--delta-floor", "low"])
+    assert "expected an int or 'none', got 'low'" in capsys.readouterr().err
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     _model_states(tmp_path)
     (tmp_path / "junk.lct").write_bytes(b"not a checkpoint at all" * 10)
