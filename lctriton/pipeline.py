@@ -949,7 +949,7 @@ def _decode_rans(rans_items, records, finishers) -> list[torch.Tensor]:
         threads = cpu_threads() if dev == "cpu" and backend.threads_allowed(dev) else 1
         parts = _balanced_groups([rans_items[k][1].numel for k in members], threads)
         work.extend((chunk, dev, [members[j] for j in part]) for part in parts)
-    owner = {k: i for i, streams, _ in finishers for k in streams}
+    owner = {k: i for i, streams, _, _ in finishers for k in streams}
 
     def decode_group(job):
         chunk, dev, members = job
@@ -1069,7 +1069,8 @@ def decode_state(
     # rANS streams of every record, decoded together per (chunk size, device), and what
     # turns each record's decoded symbols into its tensor.
     rans_items: list[tuple[int, reference.RansStream, str]] = []
-    finishers: list[tuple[int, list[int], Callable[[list[torch.Tensor]], torch.Tensor]]] = []
+    # (record index, its streams, what turns their symbols into the tensor, its device)
+    finishers: list[tuple[int, list[int], Callable[[list[torch.Tensor]], torch.Tensor], str]] = []
 
     def add_stream(rec: dict, chunk_words: np.ndarray, words: np.ndarray, numel: int, freqs: list[int], dev: str) -> int:
         rans_items.append(
@@ -1106,7 +1107,7 @@ def decode_state(
                     cw = _part(view, layout, name, f"plane{j}_chunk_words", np.dtype(np.uint32))
                     words = _part(view, layout, name, f"plane{j}_stream", np.dtype(np.uint16))
                     streams.append(add_stream(rec, cw, words, numel, plane["freqs"], dev))
-            finishers.append((i, streams, _plane_finisher(rec, view, layout, name, numel, dtype, b, dev)))
+            finishers.append((i, streams, _plane_finisher(rec, view, layout, name, numel, dtype, b, dev), dev))
             continue
         exc_index = _part(view, layout, name, "exc_index", np.dtype(np.int64))
         exc_values = _part(view, layout, name, "exc_values", np.dtype(np.uint8))
@@ -1129,7 +1130,8 @@ def decode_state(
                     words = _part(view, layout, name, f"context{c}_stream", np.dtype(np.uint16))
                     streams.append(add_stream(rec, cw, words, table["count"], table["freqs"], dev))
             finishers.append(
-                (i, streams, _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values, norm))
+                (i, streams, _context_finisher(rec, numel, dtype, reps, b, dev, contexts, exc_index, exc_values, norm),
+                 dev)
             )
             continue
         if rec["codec"] in codecs.RANS_CODECS:
@@ -1139,7 +1141,7 @@ def decode_state(
                 raise FormatError(f"tensor {name!r}: a fill must not have a stream")
             streams = [] if rec["fill"] is not None else [add_stream(rec, cw, words, numel, rec["freqs"], dev)]
             finishers.append(
-                (i, streams, _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, norm))
+                (i, streams, _symbol_finisher(rec, numel, dtype, reps, b, dev, exc_index, exc_values, norm), dev)
             )
             continue
         chunk_bits = _part(view, layout, name, "chunk_bits", np.dtype(np.uint32)).astype(np.int64)
@@ -1197,9 +1199,21 @@ def decode_state(
                     finished(i, out)
     if finishers:
         symbols = _decode_rans(rans_items, records, finishers)
-        # sq records last: each reads the second moment another record decodes.
-        for i, streams, finish in sorted(finishers, key=lambda f: records[f[0]]["codec"] in codecs.SCALED_CODECS):
-            finished(i, finish([symbols[k] for k in streams]))
+        # The finishers' passes (ungrouping, reconstruction) run on the CPU threads, largest
+        # first; the sq records after all others, since each reads the second moment another
+        # record decodes. finished() stays in this thread, in that order.
+        on_cpu = all(dev == "cpu" for *_, dev in finishers)
+        threads = cpu_threads() if on_cpu and backend.threads_allowed("cpu") else 1
+        for scaled in (False, True):
+            batch = [f for f in finishers if (records[f[0]]["codec"] in codecs.SCALED_CODECS) == scaled]
+            batch.sort(key=lambda f: -shapes[f[0]][2])
+
+            def finish_one(entry):
+                return entry[2]([symbols[k] for k in entry[1]])
+
+            with ThreadPoolExecutor(threads) if threads > 1 and len(batch) > 1 else _Inline() as pool:
+                for entry, out in zip(batch, pool.map(finish_one, batch), strict=True):
+                    finished(entry[0], out)
     for i, rec in enumerate(records):
         t = tensors[i]
         if rec["kind"] == "ndarray":
