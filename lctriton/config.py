@@ -146,10 +146,14 @@ class CodecOptions:
             accumulated change reaches the floor, so the error stays below the floor however
             long the chain. Late in a decaying schedule the changes shrink toward zero while
             ``bits`` still spends as many symbols on them; the floor stops that. 0 to 32, or
-            None for no floor. Default 8: on the digits CNN (three seeds, ten restores) it
-            took the whole state's ratio up by 3-6% with the final loss within 1.9% of the
-            uninterrupted run; 7 moved it by 2.2% on one seed, and fine-tuning MiniLM by 47%
-            more training loss (``benchmarks/results/fidelity-*-floor-*``).
+            None for no floor. Default 10: on the digits CNN (three seeds, ten restores) it
+            took the whole state's ratio up by 2-3.5% with the final loss within 1.5% of the
+            uninterrupted run. A floor is a lag: a change stays out of the checkpoint until it
+            passes the floor, so a fine-tuning run, whose steps are small beside its pretrained
+            weights, restores a few steps behind. On MiniLM checkpointed every step early in
+            fine-tuning, 10 kept the restored test loss within 0.7% of the floorless one at
+            1.6x its ratio, 8 within 4.8% at 8x (``benchmarks/results/fidelity-*-floor-*``,
+            ``floor-minilm-cpu.json``).
     """
 
     bits: int = 3
@@ -164,7 +168,7 @@ class CodecOptions:
     moment_precision: int = 0
     scaled_precision: int = 2
     code_exact: bool = True
-    delta_floor: int | None = 8
+    delta_floor: int | None = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
