@@ -24,16 +24,13 @@ writes ``benchmarks/results/<out>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lctriton import backend, codecs, examples
 
-HERE = Path(__file__).resolve().parent
 WORKLOADS = {"digits": (examples.digits_cnn, 200), "minilm": (examples.minilm_docstrings, 20)}
 #: Octaves of |m| / sqrt(v) told apart, from 2**-8 up; smaller and larger ratios share the ends.
 OCTAVES = 16
@@ -121,19 +118,12 @@ def main() -> int:
         print(f"{r['workload']} K={r['steps_between']}: {b['h0']:.3f} bits/element with one table, "
               f"{b['h_sign']:.3f} given sign(m), {b['h_sign_ratio']:.3f} given sign(m) and |m|/sqrt(v)")
     if args.out:
-        from fidelity import machine_info  # the harness's record of platform, versions and commit
+        from fidelity import write_study  # the harness's record of platform, versions and commit
 
-        out = HERE / "results" / f"{args.out}.json"
-        out.write_text(json.dumps({
-            "benchmark": "context_study",
-            "command": "python3 benchmarks/context_study.py " + " ".join(
-                [f"--workload {args.workload}", "--between", *map(str, args.between), f"--bits {args.bits}",
-                 f"--seed {args.seed}", f"--out {args.out}"]),
-            "machine": machine_info(),
-            "wall_s": time.time() - started,
-            "results": rows,
-        }, indent=2) + "\n")
-        print(f"wrote {out}")
+        command = "python3 benchmarks/context_study.py " + " ".join(
+            [f"--workload {args.workload}", "--between", *map(str, args.between), f"--bits {args.bits}",
+             f"--seed {args.seed}", f"--out {args.out}"])
+        print(f"wrote {write_study(args.out, 'context_study', command, started, rows)}")
     return 0
 
 

@@ -1098,6 +1098,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def write_study(name: str, benchmark: str, command: str, started: float, results: Any) -> Path:
+    """Write a study's record to ``benchmarks/results/<name>.json``: what ran (``benchmark``,
+    ``command``), where (:func:`machine_info`), how long since ``started`` (a ``time.time()``)
+    and its ``results``.
+
+    Returns:
+        The path written.
+    """
+    out = RESULTS_DIR / f"{name}.json"
+    out.write_text(json.dumps({
+        "benchmark": benchmark,
+        "command": command,
+        "machine": machine_info(),
+        "wall_s": time.time() - started,
+        "results": results,
+    }, indent=2) + "\n")
+    return out
+
+
 def _results_path(out: str, suffix: str) -> Path:
     name = out[: -len(".json")] if out.endswith(".json") else out
     path = Path(name) if os.sep in name else RESULTS_DIR / name

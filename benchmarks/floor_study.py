@@ -21,9 +21,7 @@ writes ``benchmarks/results/<out>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +29,6 @@ import torch
 import lctriton
 from lctriton import examples
 
-HERE = Path(__file__).resolve().parent
 WORKLOADS = {"digits": examples.digits_cnn, "minilm": examples.minilm_docstrings}
 
 
@@ -101,20 +98,13 @@ def main() -> int:
         losses = ", ".join(f"{x:.4f}" for x in row["test_loss"])
         print(f"  delta_floor={row['delta_floor']}: {row['ratio']:.1f}x, restored test loss {losses}")
     if args.out:
-        from fidelity import machine_info  # the harness's record of platform, versions and commit
+        from fidelity import write_study  # the harness's record of platform, versions and commit
 
         floors = " ".join("none" if f is None else str(f) for f in args.floors)
-        out = HERE / "results" / f"{args.out}.json"
-        out.write_text(json.dumps({
-            "benchmark": "floor_study",
-            "command": (f"python3 benchmarks/floor_study.py --workload {args.workload} --floors {floors} "
-                        f"--checkpoints {args.checkpoints} --between {args.between} --warmup {args.warmup} "
-                        f"--seed {args.seed} --out {args.out}"),
-            "machine": machine_info(),
-            "wall_s": time.time() - started,
-            "results": result,
-        }, indent=2) + "\n")
-        print(f"wrote {out}")
+        command = (f"python3 benchmarks/floor_study.py --workload {args.workload} --floors {floors} "
+                   f"--checkpoints {args.checkpoints} --between {args.between} --warmup {args.warmup} "
+                   f"--seed {args.seed} --out {args.out}")
+        print(f"wrote {write_study(args.out, 'floor_study', command, started, result)}")
     return 0
 
 
