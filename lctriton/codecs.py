@@ -207,12 +207,12 @@ def plan_buckets(histogram: np.ndarray, bits: int, floor_exponent: int = 1) -> B
     exponent = keys & 0xFF
     # Zeros and subnormals (exponent field 0) are never promoted: they decode to zero.
     finite = (counts > 0) & (exponent != reference.NONFINITE_EXPONENT) & (exponent != 0)
-    finite &= exponent >= floor_exponent
-    candidates = keys[finite]
+    candidates = keys[finite & (exponent >= floor_exponent)]
     # Largest exponent first; the positive sign first among equals.
     order = candidates[np.lexsort((candidates >> 8, -exponent[candidates]))]
     kept = order[: (1 << bits) - 1]
-    dropped = order[(1 << bits) - 1 :]
+    # Dropped: ranked past the kept ones, or below the floor.
+    dropped = np.setdiff1d(keys[finite], kept)
     key_to_symbol = np.zeros(reference.NUM_KEYS, dtype=np.uint8)
     key_to_symbol[kept] = np.arange(1, kept.size + 1, dtype=np.uint8)
     # Symbol 0 decodes to -0.0: base + (-0.0) is the base itself, bit for bit (signed zeros
@@ -728,14 +728,14 @@ BINADE_CODERS = ("auto", "context")
 
 
 def median_binade(tensor: torch.Tensor) -> int | None:
-    """The median of the nonzero exponent fields of ``float32(tensor)``, on
-    :data:`SCALE_SAMPLE` strided elements (integers: the same on every backend); None where
-    all are zero. The median is the field at position ``count // 2`` of the sorted nonzero
-    fields, found from their histogram. (A tensor no larger than the sample is its own
+    """The median of the exponent fields of ``float32(tensor)`` other than 0 (zeros and
+    subnormals) and 255 (infinities and NaNs), on :data:`SCALE_SAMPLE` strided elements
+    (integers: the same on every backend); None where there are none. The median is the
+    field at position ``count // 2`` of those fields sorted, found from their histogram. (A tensor no larger than the sample is its own
     sample: :func:`_strided` of a sample is the sample.)"""
     exponents = ((_strided(tensor).to(torch.float32).view(torch.int32) >> 23) & 0xFF).cpu().numpy()
     counts = np.bincount(exponents.ravel(), minlength=256)
-    counts[0] = 0
+    counts[0] = counts[reference.NONFINITE_EXPONENT] = 0
     total = int(counts.sum())
     if not total:
         return None

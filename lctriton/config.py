@@ -143,8 +143,8 @@ class CodecOptions:
         delta_floor: In a delta, the lossy codec drops every change smaller than
             ``2**-delta_floor`` times the tensor's typical magnitude (the binade of the median
             ``|element|`` of its base): such an element restores to its base until its
-            accumulated change reaches the floor, so the error stays below the floor however
-            long the chain. Late in a decaying schedule the changes shrink toward zero while
+            accumulated change reaches the floor, so a dropped element's error stays below the
+            floor however long the chain. Late in a decaying schedule the changes shrink toward zero while
             ``bits`` still spends as many symbols on them; the floor stops that. 0 to 32, or
             None for no floor. Default 10: on the digits CNN (three seeds, ten restores) it
             took the whole state's ratio up by 2-3.5% with the final loss within 1.5% of the

@@ -182,8 +182,8 @@ def test_delta_floor_drops_changes_below_it_and_bounds_the_error():
 def test_delta_floor_keeps_a_slow_drift_within_the_floor_along_a_chain():
     """Closed loop: an element whose change stays below the floor keeps its base until the
     accumulated change reaches the floor; the error never exceeds the floor."""
-    x, base = _small_steps(20_000, seed=4)
-    drift = torch.full_like(x, 2.0**-16)  # an eighth of the floor per checkpoint
+    _, base = _small_steps(20_000, seed=4)
+    drift = torch.full_like(base, 2.0**-16)  # an eighth of the floor per checkpoint
     w, recon, coded = base.clone(), {"w": base.clone()}, 0
     for _ in range(24):
         w += drift
@@ -192,6 +192,28 @@ def test_delta_floor_keeps_a_slow_drift_within_the_floor_along_a_chain():
         assert float(error.max()) <= 2.0**-13
         coded += int((error < 2.0**-16).sum())
     assert coded > 0, "the drift was never coded"
+
+
+def test_bound_covers_deltas_below_the_floor():
+    """Where the floor drops every bucket the record's bound still covers the error, and a
+    base mostly non-finite does not raise the floor (infinities are not a magnitude)."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(8192, generator=g) * 0.05
+    x = base + torch.randn(8192, generator=g) * 1e-6
+    c, restored = _roundtrip(x, base, delta_floor=8)
+    rec = c.index["tensors"][0]
+    assert len(rec["reps"]) == 1  # every bucket is below the floor: a fill of symbol 0
+    assert float((restored.double() - x.double()).abs().max()) <= rec["bound"]
+    inf_base = base.clone()
+    inf_base[:6000] = float("inf")
+    assert codecs.median_binade(inf_base) == codecs.median_binade(base[6000:])
+    x = inf_base.clone()
+    x[6000:] += 1e-3
+    c, restored = _roundtrip(x, inf_base, delta_floor=8)
+    finite = torch.isfinite(inf_base)
+    error = float((restored[finite] - x[finite]).abs().max())
+    assert error <= c.index["tensors"][0]["bound"]
+    assert error < 1e-3 / 2, "the finite elements' changes were dropped"
 
 
 def test_delta_floor_needs_a_base_with_a_magnitude():
