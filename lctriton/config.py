@@ -97,9 +97,9 @@ class CodecOptions:
             them; ``lc/2`` elsewhere; and ``lq/2`` for optimizer moments, grouped by their
             base's binades, where that saves at least 5%) or ``"auto"`` (``lc/3`` where it
             saves at least 5%, else rANS where it saves at least 10% of a tensor's Huffman
-            payload, by the histograms; moments ``lq/2`` as with ``"context"``). Scaled first moments are
-            ``sq/2`` (grouped by the base's moments) with ``"context"``, and with ``"auto"``
-            where a sample says that saves at least 5% of ``sq/1``. Context coding needs a
+            payload, by the histograms; moments ``lq/2`` as with ``"context"``). Scaled first
+            moments are ``sq/2`` (grouped by the base's moments) with ``"context"``, and with
+            ``"auto"`` where a sample says that saves at least 5% of ``sq/1``. Context coding needs a
             state that holds the model and its optimizer side by side (``{"model": ...,
             "optimizer": ...}``, as :class:`lctriton.TrainingState` and the checkpoint
             managers save it).
