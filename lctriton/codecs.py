@@ -147,6 +147,8 @@ NUM_BINADE_CONTEXTS = reference.NUM_BINADE_CONTEXTS
 #: cheaper of ``lc/1`` and ``lc/2``, by the histograms (its tables cost more record bytes);
 #: ``lq/2`` where it saves this much of ``lq/1``.
 CONTEXT_MIN_SAVING = 0.05
+#: The coders under which a moment with a base is ``lq/2`` where the sample says it pays.
+BINADE_CODERS = ("auto", "context")
 
 #: dtype name in a file -> torch dtype. Only these can be stored.
 DTYPES: dict[str, torch.dtype] = {
@@ -352,23 +354,28 @@ def _host_parts(tensors: list[torch.Tensor], dtypes: list[Any]) -> tuple[list[np
     return [t.cpu().numpy().view(d) for t, d in zip(tensors, dtypes, strict=True)], None
 
 
-def _rans_parts(
-    symbols: torch.Tensor, counts: np.ndarray, chunk_symbols: int
-) -> tuple[np.ndarray, int | None, torch.Tensor, torch.Tensor]:
-    """The rANS stage of one symbol stream: its table, fill symbol, words and chunk table. An
-    empty stream is a fill of symbol 0 (a table must sum to its scale)."""
+def _stream_coded(
+    record: dict, symbols: torch.Tensor, counts: np.ndarray, chunk_symbols: int, **fields: Any
+) -> tuple[list[np.ndarray], Any]:
+    """Finish a record whose symbols are one rANS stream (``lc/2``, ``lq/1``, ``sq/1``): its
+    ``fields``, its table (``freqs``), fill symbol and word count; returns its stream parts
+    for the host (chunk word counts, words). An empty stream is a fill of symbol 0 (a table
+    must sum to its scale)."""
     if not np.any(counts):
         counts = np.zeros(len(counts), dtype=np.int64)
         counts[0] = 1
     freqs = rans.quantize_frequencies(counts)
     fill = rans.fill_symbol(freqs)
     dev = symbols.device
-    nchunks = -(-symbols.numel() // chunk_symbols)
     if fill is not None or symbols.numel() == 0:
         fill = 0 if fill is None else fill
-        return freqs, fill, torch.zeros(0, dtype=torch.int16, device=dev), torch.zeros(nchunks, dtype=torch.int64, device=dev)
-    words, chunk_words = backend.rans_encode(symbols, torch.from_numpy(freqs).to(dev), chunk_symbols)
-    return freqs, None, words, chunk_words
+        nchunks = -(-symbols.numel() // chunk_symbols)
+        words = torch.zeros(0, dtype=torch.int16, device=dev)
+        chunk_words = torch.zeros(nchunks, dtype=torch.int64, device=dev)
+    else:
+        words, chunk_words = backend.rans_encode(symbols, torch.from_numpy(freqs).to(dev), chunk_symbols)
+    record.update(fields, freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
+    return _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
 
 
 def _context_bits(joint: np.ndarray, chunk_symbols: int) -> float:
@@ -536,10 +543,8 @@ def encode_lc(
     elif coder == "rans":
         if symbols is None:
             symbols, recon, nonfinite = backend.lc_symbols(x, b, lut, reps)
-        freqs, fill, words, chunk_words = _rans_parts(symbols, plan.symbol_counts, chunk_symbols)
+        parts, ready = _stream_coded(record, symbols, plan.symbol_counts, chunk_symbols, codec=LC2)
         del symbols
-        record.update(codec=LC2, freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
-        parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
     else:
         fill = None
         if not lengths.any():
@@ -723,16 +728,13 @@ def choose_log_scale(tensor: torch.Tensor, base: torch.Tensor, decay: float, pre
     return ratio if hits[1] > hits[0] else decay
 
 
-#: The coders under which a moment with a base is ``lq/2`` where the sample says it pays.
-BINADE_CODERS = ("auto", "context")
-
-
 def median_binade(tensor: torch.Tensor) -> int | None:
     """The median of the exponent fields of ``float32(tensor)`` other than 0 (zeros and
     subnormals) and 255 (infinities and NaNs), on :data:`SCALE_SAMPLE` strided elements
     (integers: the same on every backend); None where there are none. The median is the
-    field at position ``count // 2`` of those fields sorted, found from their histogram. (A tensor no larger than the sample is its own
-    sample: :func:`_strided` of a sample is the sample.)"""
+    field at position ``count // 2`` of those fields sorted, found from their histogram. (A
+    tensor no larger than the sample is its own sample: :func:`_strided` of a sample is the
+    sample.)"""
     exponents = ((_strided(tensor).to(torch.float32).view(torch.int32) >> 23) & 0xFF).cpu().numpy()
     counts = np.bincount(exponents.ravel(), minlength=256)
     counts[0] = counts[reference.NONFINITE_EXPONENT] = 0
@@ -874,10 +876,8 @@ def encode_lq(
     else:
         if counts is None:
             counts = torch.bincount(symbols, minlength=reps.size).cpu().numpy()
-        freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
+        parts, ready = _stream_coded(record, symbols, counts, chunk_symbols)
         del symbols
-        record.update(freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
-        parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
     # Non-finite values have a non-finite fine key; a non-finite prediction (from a
     # non-finite base) shows in the reconstruction.
     exc_index, exc_values = _exceptions(x, None, recon, hist, nonfinite)
@@ -975,10 +975,8 @@ def encode_sq(
         del symbols, contexts
     else:
         counts = torch.bincount(symbols, minlength=nsym).cpu().numpy()
-        freqs, fill, words, chunk_words = _rans_parts(symbols, counts, chunk_symbols)
+        parts, ready = _stream_coded(record, symbols, counts, chunk_symbols)
         del symbols
-        record.update(freqs=freqs.tolist(), fill=fill, words=int(words.numel()))
-        parts, ready = _host_parts([chunk_words.to(torch.int32), words], [np.uint32, np.uint16])
     record.update(
         exceptions=int(exc_index.numel()),
         bound=math.ldexp(1.0, -precision - 1),

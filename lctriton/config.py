@@ -99,9 +99,9 @@ class CodecOptions:
             saves at least 5%, else rANS where it saves at least 10% of a tensor's Huffman
             payload, by the histograms; moments ``lq/2`` as with ``"context"``). Scaled first
             moments are ``sq/2`` (grouped by the base's moments) with ``"context"``, and with
-            ``"auto"`` where a sample says that saves at least 5% of ``sq/1``. Context coding needs a
-            state that holds the model and its optimizer side by side (``{"model": ...,
-            "optimizer": ...}``, as :class:`lctriton.TrainingState` and the checkpoint
+            ``"auto"`` where a sample says that saves at least 5% of ``sq/1``. Context coding
+            needs a state that holds the model and its optimizer side by side (``{"model":
+            ..., "optimizer": ...}``, as :class:`lctriton.TrainingState` and the checkpoint
             managers save it).
         moments: How optimizer moments (:data:`MOMENT_PATTERNS`) are coded in a delta:
             ``"log"`` quantizes them in the log domain against the base decayed by the
@@ -144,11 +144,11 @@ class CodecOptions:
             ``2**-delta_floor`` times the tensor's typical magnitude (the binade of the median
             ``|element|`` of its base): such an element restores to its base until its
             accumulated change reaches the floor, so a dropped element's error stays below the
-            floor however long the chain. Late in a decaying schedule the changes shrink toward zero while
-            ``bits`` still spends as many symbols on them; the floor stops that. 0 to 32, or
-            None for no floor. Default 10: on the digits CNN (three seeds, ten restores) it
-            took the whole state's ratio up by 2-3.5% with the final loss within 1.5% of the
-            uninterrupted run. A floor is a lag: a change stays out of the checkpoint until it
+            floor however long the chain. Late in a decaying schedule the changes shrink toward
+            zero while ``bits`` still spends as many symbols on them; the floor stops that. 0
+            to 32, or None for no floor. Default 10: on the digits CNN (three seeds, ten
+            restores) it took the whole state's ratio up by 2-3.5% with the final loss within
+            1.5% of the uninterrupted run. A floor is a lag: a change stays out of the checkpoint until it
             passes the floor, so a fine-tuning run, whose steps are small beside its pretrained
             weights, restores a few steps behind. On MiniLM checkpointed every step early in
             fine-tuning, 10 kept the restored test loss within 0.7% of the floorless one at

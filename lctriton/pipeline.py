@@ -1204,13 +1204,13 @@ def decode_state(
         # record decodes. finished() stays in this thread, in that order.
         on_cpu = all(dev == "cpu" for *_, dev in finishers)
         threads = cpu_threads() if on_cpu and backend.threads_allowed("cpu") else 1
+
+        def finish_one(entry):
+            return entry[2]([symbols[k] for k in entry[1]])
+
         for scaled in (False, True):
             batch = [f for f in finishers if (records[f[0]]["codec"] in codecs.SCALED_CODECS) == scaled]
             batch.sort(key=lambda f: -shapes[f[0]][2])
-
-            def finish_one(entry):
-                return entry[2]([symbols[k] for k in entry[1]])
-
             with ThreadPoolExecutor(threads) if threads > 1 and len(batch) > 1 else _Inline() as pool:
                 for entry, out in zip(batch, pool.map(finish_one, batch), strict=True):
                     finished(entry[0], out)
